@@ -1,0 +1,28 @@
+# The README's two commands are `make demo` and `make test`; both create the environment first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.diqa-installed
+# Tests and the demo never reach a model hub.
+OFFLINE := HF_HUB_OFFLINE=1 DIQA_OFFLINE=1
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(OFFLINE) $(BIN)/python -m pytest -q
+
+demo: install
+	$(OFFLINE) $(BIN)/diqa demo
+
+bench: install
+	$(OFFLINE) $(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
