@@ -7,13 +7,14 @@ start fast.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
 
 import typer
 
-from diqa_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE, DiqaError
+from diqa_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, DiqaError
 
 app = typer.Typer(
     name="diqa",
@@ -24,48 +25,115 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from diqa_cli import __version__
+
+        typer.echo(f"diqa {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+# A root callback keeps ``diqa`` a command group however many commands are registered (typer
+# turns an app with a single command into that command, which would swallow its name).
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Score image and video quality with latent-diffusion priors, and enhance images."""
+
+
 # One module per command group; each adds its commands to ``app``.
 _COMMAND_MODULES = (
     "diqa_cli.cli.score",
     "diqa_cli.cli.weights",
     "diqa_cli.cli.train",
+    "diqa_cli.cli.video",
+    "diqa_cli.cli.enhance",
+    "diqa_cli.cli.db",
 )
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
+def _quiet_on_broken_pipe(command):
+    """A command whose reader goes away (``diqa … | head -1``) ends quietly with 141.
+
+    typer would catch the BrokenPipeError itself and exit 1; wrapping every registered command
+    here gives them all the documented code without each command module handling it.
+    """
+
+    @functools.wraps(command)  # typer reads the wrapped signature through __wrapped__
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+
+    return run
+
+
+def _wrap_commands(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        info.callback = _quiet_on_broken_pipe(info.callback)
+    for group in typer_app.registered_groups:
+        _wrap_commands(group.typer_instance)
+
+
+_wrap_commands(app)
+
+
 def main() -> None:
-    """Console-script entry point: maps diqa's errors to documented exit codes."""
+    """Console-script entry point: maps diqa's errors to documented exit codes.
+
+    ``standalone_mode=False`` lets diqa's own errors reach this function; in that mode typer
+    *returns* the code of ``typer.Exit`` (and turns Ctrl-C into 130) instead of exiting. Parser
+    errors are recognised by class name: typer 0.29 vendors click (``typer._click``), older typer
+    uses click itself, and both name them ``ClickException`` / ``UsageError``.
+    """
     try:
-        app(standalone_mode=False)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = app(standalone_mode=False)
     except typer.Abort:
         print("diqa: aborted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
     except DiqaError as exc:
         print(f"diqa: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except KeyboardInterrupt:
-        print("diqa: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
     except BrokenPipeError:
         _quiet_broken_pipe()
-    except Exception as exc:  # click's usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show(file=sys.stderr)
-            sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
-        raise
+        code = EXIT_BROKEN_PIPE
+    except Exception as exc:  # the parser's usage errors (bad option, missing value)
+        kinds = {cls.__name__ for cls in type(exc).__mro__}
+        if "ClickException" not in kinds:
+            raise
+        exc.show(file=sys.stderr)
+        code = EXIT_USAGE if "UsageError" in kinds else exc.exit_code
+    # A command's return value is not an exit code; only ``typer.Exit`` (an int here) is.
+    code = code if isinstance(code, int) else EXIT_OK
+    if code == EXIT_INTERRUPTED:
+        print("diqa: interrupted", file=sys.stderr)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)
 
 
 def _quiet_broken_pipe() -> None:
-    """``diqa score … | head -1``: the reader went away; exit quietly like other Unix tools."""
+    """``diqa score … | head -1``: the reader went away; exit quietly like other Unix tools.
+
+    stdout is pointed at /dev/null so the interpreter's final flush of the unwritten buffer does
+    not print "Exception ignored … BrokenPipeError" at shutdown.
+    """
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
+    except (OSError, ValueError):
         pass
-    sys.exit(EXIT_BROKEN_PIPE)

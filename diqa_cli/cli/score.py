@@ -1,5 +1,260 @@
-"""Placeholder until its owner fills it in."""
+"""``diqa score`` (images to rows on stdout) and ``diqa methods`` (the registry).
+
+Only data goes to stdout; messages, per-input errors and the progress bar go to stderr, the
+bar only when stderr is a terminal. torch is imported once scoring starts, never for
+``diqa methods``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from diqa_cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
+from diqa_cli.output import FORMATS, columns_for, default_format, open_writer, rich_console
+
+_DEFAULT_METHOD = "dpiqa"
 
 
-def register(app):
-    return None
+def register(app: typer.Typer) -> None:
+    app.command("score")(score)
+    app.command("methods")(methods)
+
+
+def score(
+    paths: list[str] | None = typer.Argument(
+        None,
+        metavar="[PATHS]...",
+        help="Images, folders, quoted glob patterns ('photos/**/*.jpg'), or '-' to read paths from stdin.",
+        show_default=False,
+    ),
+    method: str | None = typer.Option(
+        None, "--method", "-m",
+        help=f"Method (see `diqa methods`). Default: the checkpoint's method, else {_DEFAULT_METHOD}.",
+        show_default=False,
+    ),
+    backbone: str | None = typer.Option(
+        None, "--backbone",
+        help="Backbone: manifest name, diffusers folder or single .safetensors file. Default: the checkpoint's.",
+        show_default=False,
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", "-c",
+        help="Head checkpoint (.safetensors with its .json sidecar). Default: the method's released weights.",
+        show_default=False,
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16 (half only where the device supports it)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", "-j", min=1, help="Image-decoding threads."),
+    fmt: str | None = typer.Option(
+        None, "--format", "-f",
+        help=f"{' | '.join(FORMATS)}. Default: table on a terminal, csv in a pipe.",
+        show_default=False,
+    ),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders of folder inputs."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed for methods that draw noise. Default: the one recorded in the checkpoint.",
+        show_default=False,
+    ),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", min=1,
+        help="Refuse images with more pixels than this (decompression bombs). Default: $DIQA_MAX_PIXELS, else 100 M.",
+        show_default=False,
+    ),
+    db: Path | None = typer.Option(
+        None, "--db",
+        help="Score database (SQLite): record every result, and reuse those of files scored before with the same settings.",
+        show_default=False,
+    ),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (an actor pool; pip install 'diqa-cli[ray]')."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address",
+        help="Ray cluster to use with --engine ray ('auto', HOST:PORT, ray://HOST:10001). Default: $RAY_ADDRESS, else a new local instance.",
+        show_default=False,
+    ),
+    ray_actors: int | None = typer.Option(
+        None, "--ray-actors", min=1,
+        help="Scoring actors with --engine ray. Default: one per GPU, else one per 4 CPUs.",
+        show_default=False,
+    ),
+) -> None:
+    """Score images; one row per input on stdout.
+
+    Exit status: 0 every input scored, 3 some inputs failed (each has an error row and a line on
+    stderr), 2 usage error, 1 fatal (weights missing, bad checkpoint), 130 interrupted.
+    """
+    from diqa_cli.home import offline_requested
+    from diqa_cli.methods import get_method
+
+    fmt = fmt or default_format(sys.stdout)
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if not paths:
+        raise UsageError("no inputs: pass image paths, folders, quoted glob patterns, or '-' to read paths from stdin")
+    if method is not None:
+        get_method(method)  # an unknown name fails here, with a did-you-mean, before any loading
+    if checkpoint is not None:
+        from diqa_cli.checkpoint import read_sidecar, sidecar_path
+
+        # A missing or foreign checkpoint fails here, before torch is imported (a bare state dict
+        # with --method is read with that method's released configuration instead).
+        if method is None or sidecar_path(checkpoint).is_file():
+            trained = read_sidecar(checkpoint)["method"]
+            method = method or trained  # a --method naming another method is refused on loading
+    spec = get_method(method or _DEFAULT_METHOD)
+    if spec.input_kind != "image":
+        raise UsageError(f"method {spec.name!r} scores {spec.input_kind}s; use `diqa score-{spec.input_kind}`")
+    offline = offline_requested(offline)
+
+    from diqa_cli.imageio import expand_inputs
+
+    items = expand_inputs(paths, recursive=recursive, stdin=sys.stdin)
+
+    from diqa_cli.engines import ScorerOptions, open_engine
+
+    options = ScorerOptions(
+        method=spec.name,
+        backbone=backbone,
+        checkpoint=str(checkpoint) if checkpoint is not None else None,
+        device=device,
+        dtype=dtype,
+        offline=offline,
+        seed=seed,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
+    )
+    from diqa_cli.store import ReuseRun, open_store
+
+    with contextlib.ExitStack() as stack:
+        # A bad --db fails here, before the model loads.
+        store = stack.enter_context(open_store(db)) if db is not None else None
+        scorer = stack.enter_context(open_engine(engine, options, ray_address=ray_address, ray_actors=ray_actors))
+        rows = ReuseRun(items, scorer, store, hash_workers=workers) if store is not None else scorer.score(items)
+        failed = _write_rows(items, rows, spec, checkpoint, fmt, cached_column=store is not None)
+        if store is not None:
+            print(f"diqa: reused {rows.reused} of {rows.reused + rows.scored} results from {db}", file=sys.stderr)
+    if failed:
+        print(f"diqa: {failed} of {len(items)} inputs failed", file=sys.stderr)
+    raise typer.Exit(EXIT_PARTIAL if failed else EXIT_OK)
+
+
+def _write_rows(items, rows, spec, checkpoint, fmt: str, *, cached_column: bool) -> int:
+    """Write ``rows`` to stdout as they come; returns how many failed."""
+    # The released weights' manifest name stands for the checkpoint when none was given.
+    context = {"checkpoint": str(checkpoint) if checkpoint is not None else spec.released_weights[0]}
+
+    failed = 0
+    # With --db, JSON rows say whether they were reused from it.
+    columns = (*columns_for(fmt), "cached") if cached_column and fmt in ("json", "jsonl") else columns_for(fmt)
+    with _progress(len(items)) as progress:
+        stdout_console = progress.console if progress is not None and _same_terminal() else None
+        path_width = max((len(str(item.path)) for item in items), default=4)
+        # A closed pipe (`| head -1`) ends here too: diqa_cli.cli turns it into a quiet exit 141.
+        with open_writer(
+            fmt, sys.stdout, columns=columns, path_width=path_width, console=stdout_console
+        ) as writer:
+            rows = iter(rows)
+            with contextlib.closing(rows):  # stops the decoding threads on Ctrl-C or a closed pipe
+                for row in rows:
+                    row.update(context)
+                    if row["status"] != "ok":
+                        failed += 1
+                        _tell(progress, f"diqa: {row['path']}: {row['error']}")
+                    writer.write(row)
+                    if progress is not None:
+                        progress.advance(progress.task_ids[0])
+    return failed
+
+
+def _same_terminal() -> bool:
+    """stdout and stderr are the same terminal (so table rows must not tear through the bar)."""
+    try:
+        return (
+            sys.stdout.isatty()
+            and sys.stderr.isatty()
+            and os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def _progress(total: int):
+    """A rich progress bar on stderr while it is a terminal, else nothing (``None``)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        # rich would otherwise capture sys.stdout into the (stderr) bar console: data must stay on stdout.
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
+    progress.add_task("scoring", total=total)
+    with progress:
+        yield progress
+
+
+def _tell(progress, message: str) -> None:
+    """One line for a person on stderr, printed above the progress bar when there is one."""
+    if progress is not None:
+        progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def methods(
+    fmt: str = typer.Option("table", "--format", "-f", help="table or json."),
+) -> None:
+    """List the registered methods: names, inputs, backbones, timesteps, scores, licences, papers."""
+    from diqa_cli.methods import list_methods
+
+    specs = list_methods()
+    if fmt == "json":
+        import json
+
+        sys.stdout.write(json.dumps([spec.to_dict() for spec in specs], indent=2) + "\n")
+        return
+    if fmt != "table":
+        raise UsageError(f"--format {fmt!r} is not one of table, json")
+    from rich.table import Table
+    from rich.text import Text
+
+    # One block per method (name and summary, then its facts): the facts are sentences, which
+    # a column-per-fact table would squeeze into unreadable slivers on an 80-column terminal.
+    console = rich_console(sys.stdout)
+    for i, spec in enumerate(specs):
+        if i:
+            console.print()
+        console.print(Text.assemble((spec.name, "bold"), "  ", spec.summary))
+        facts = Table.grid(padding=(0, 2))
+        facts.add_column(style="dim", no_wrap=True)
+        facts.add_column(overflow="fold")
+        for key, value in (
+            ("aliases", ", ".join(spec.aliases) or "-"),
+            ("input", f"{spec.input_kind}, {spec.resolution} px, {spec.input_convention}"),
+            ("backbone", spec.default_backbone),
+            ("timesteps", ", ".join(str(t) for t in spec.timesteps) or "-"),
+            ("score", f"{spec.score_direction}; {spec.score_range}"),
+            ("weights", ", ".join(spec.released_weights) or "none released"),
+            ("licence", spec.licence),
+            ("paper", spec.paper + (" (reconstruction: no released code)" if spec.reconstruction else "")),
+        ):
+            facts.add_row(key, Text(value))
+        console.print(facts)

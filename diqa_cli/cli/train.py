@@ -1,5 +1,169 @@
-"""Placeholder until its owner fills it in."""
+"""``diqa train``, ``diqa distill``, ``diqa eval`` and ``diqa demo``: parse, call the library, format.
+
+Data (the saved checkpoint's path, the metrics, the demo's table) goes to stdout; progress and
+notes go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from diqa_cli.errors import UsageError
+from diqa_cli.home import offline_requested
+
+_DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps"
+_DTYPE_HELP = "auto | fp32 | fp16 | bf16 (half precision trains under autocast, parameters in fp32)"
+_CONFIG_HELP = "the model's config: a JSON object, a JSON file, or 'tiny' for the method's tiny-backbone head"
 
 
-def register(app):
-    return None
+def _log(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _parse_config(text: Optional[str]):
+    if text is None or text == "tiny":
+        return text
+    source = Path(text)
+    raw = source.read_text(encoding="utf-8") if source.is_file() else text
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--config {text!r} is neither 'tiny', a JSON object nor a JSON file ({exc.msg})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--config must be a JSON object, got {type(config).__name__}")
+    return config
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_command(
+        method: str = typer.Option(..., "--method", "-m", help="registered method name (see `diqa methods`)"),
+        data: Path = typer.Option(..., "--data", help="labels CSV: path,mos[,split]; trains on split 'train' when present"),
+        out: Path = typer.Option(..., "--out", "-o", help="head checkpoint to write (.safetensors; the sidecar goes beside it)"),
+        backbone: Optional[str] = typer.Option(None, "--backbone", help="manifest name, diffusers folder or .safetensors (default: the method's)"),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="default: the method's released setting"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default: the method's released setting"),
+        lr: Optional[float] = typer.Option(None, "--lr", help="default: the method's released setting"),
+        weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: the method's)"),
+        grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="gradient-norm clip, 0 for none (default: the method's)"),
+        seed: int = typer.Option(0, "--seed", help="seeds initialisation, batch order and noise; recorded in the sidecar"),
+        config: Optional[str] = typer.Option(None, "--config", help=_CONFIG_HELP),
+        init: Optional[Path] = typer.Option(None, "--init", help="continue from this head checkpoint (same method)"),
+        device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+        dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
+        workers: int = typer.Option(2, "--workers", help="image-decoding threads"),
+        offline: bool = typer.Option(False, "--offline", help="never touch the network"),
+    ) -> None:
+        """Train a quality head on a labels CSV and save it with its sidecar."""
+        from diqa_cli.training import train
+
+        train(
+            method,
+            data,
+            backbone=backbone,
+            out=out,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            seed=seed,
+            config=_parse_config(config),
+            device=device,
+            dtype=dtype,
+            init_checkpoint=init,
+            offline=offline_requested(offline),
+            workers=workers,
+            log=_log,
+        )
+        typer.echo(str(out))
+
+    @app.command("distill")
+    def distill_command(
+        teacher: Path = typer.Option(..., "--teacher", help="DP-IQA teacher head checkpoint"),
+        data: Path = typer.Option(..., "--data", help="labels CSV: path,mos[,split]; uses split 'train' when present"),
+        out: Path = typer.Option(..., "--out", "-o", help="student head checkpoint to write (.safetensors)"),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="default: the released 30"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default: the released 24"),
+        lr: Optional[float] = typer.Option(None, "--lr", help="default: the released 1e-4"),
+        weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0, as Adam)"),
+        seed: int = typer.Option(0, "--seed", help="seeds initialisation and batch order; recorded in the sidecar"),
+        config: Optional[str] = typer.Option(None, "--config", help=_CONFIG_HELP),
+        device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+        dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
+        workers: int = typer.Option(2, "--workers", help="image-decoding threads"),
+        offline: bool = typer.Option(False, "--offline", help="never touch the network"),
+    ) -> None:
+        """Distil a DP-IQA teacher into its EfficientNet student (score MSE + feature-map MSE)."""
+        from diqa_cli.training import distill
+
+        distill(
+            teacher,
+            data,
+            out=out,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            config=_parse_config(config),
+            device=device,
+            dtype=dtype,
+            offline=offline_requested(offline),
+            workers=workers,
+            log=_log,
+        )
+        typer.echo(str(out))
+
+    @app.command("eval")
+    def eval_command(
+        checkpoint: Path = typer.Option(..., "--checkpoint", help="head checkpoint (.safetensors with its sidecar)"),
+        data: Path = typer.Option(..., "--data", help="labels CSV: path,mos[,split]"),
+        split: Optional[str] = typer.Option(None, "--split", help="rows to use: default 'test' when the CSV has a split column; 'all' for every row"),
+        backbone: Optional[str] = typer.Option(None, "--backbone", help="replace the backbone the sidecar names"),
+        batch_size: int = typer.Option(8, "--batch-size"),
+        workers: int = typer.Option(2, "--workers", help="image-decoding threads"),
+        device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+        dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
+        fmt: str = typer.Option("table", "--format", "-f", help="table | json"),
+        offline: bool = typer.Option(False, "--offline", help="never touch the network"),
+    ) -> None:
+        """Score a labelled set and print SRCC, PLCC (no logistic fit) and KRCC."""
+        if fmt not in ("table", "json"):
+            raise UsageError(f"unknown --format {fmt!r} for eval; choose table or json")
+        from diqa_cli.training import evaluate
+
+        result = evaluate(
+            checkpoint,
+            data,
+            split=split,
+            backbone=backbone,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            dtype=dtype,
+            offline=offline_requested(offline),
+            log=_log,
+        )
+        _log(f"diqa: {result['method']} head on split {result['split']!r} of {data}; PLCC without logistic fit")
+        if fmt == "json":
+            typer.echo(json.dumps(result))
+        else:
+            for key in ("srcc", "plcc", "krcc", "n", "n_failed"):
+                value = result[key]
+                typer.echo(f"{key:<9}{value:.4f}" if isinstance(value, float) else f"{key:<9}{value}")
+
+    @app.command("demo")
+    def demo_command(
+        out: Optional[Path] = typer.Option(None, "--out", help="folder for the synthetic set and the head (kept); default: a temporary folder under DIQA_HOME"),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="training epochs (default tuned to finish in a few minutes on 2 CPU cores)"),
+        keep: bool = typer.Option(False, "--keep", help="keep the temporary folder"),
+    ) -> None:
+        """Tiny random-backbone demo on a synthetic distortion set: train, score, SRCC. Not a quality model."""
+        from diqa_cli.demo import run_demo
+
+        run_demo(out, epochs=epochs, keep=keep, log=_log)

@@ -1,5 +1,198 @@
-"""Placeholder until its owner fills it in."""
+"""``diqa weights …``: list, pull, verify, path, convert, tiny. Data to stdout, people to stderr.
+
+The library (:mod:`diqa_cli.weights`) does the work; this module parses and formats. Nothing here
+imports torch at start-up: ``diqa weights list`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from diqa_cli import weights as lib
+
+weights_app = typer.Typer(
+    name="weights",
+    help="Model weights: list the manifest, download with SHA-256 checks, verify, convert.",
+    no_args_is_help=True,
+)
 
 
-def register(app):
-    return None
+def register(app: typer.Typer) -> None:
+    app.add_typer(weights_app, name="weights")
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@weights_app.command("list")
+def list_command(
+    fmt: Optional[str] = typer.Option(
+        None, "--format", help="table|csv|json (default: table on a terminal, csv in a pipe)"
+    ),
+) -> None:
+    """List the manifest's entries: kind, licence, whether cached, size."""
+    fmt = fmt or ("table" if sys.stdout.isatty() else "csv")
+    if fmt not in ("table", "csv", "json"):
+        raise typer.BadParameter(f"{fmt!r} is not one of table, csv, json", param_hint="--format")
+    rows = []
+    for e in lib.list_entries():
+        known, complete = e.known_size
+        rows.append(
+            {
+                "name": e.name,
+                "kind": e.kind,
+                "licence": e.licence,
+                "cached": lib.entry_status(e),
+                "size": _size_text(known, complete),
+                "size_bytes": known if complete else None,
+                "non_commercial": e.non_commercial,
+                "source": e.source,
+                "revision": e.revision,
+                "description": e.description,
+            }
+        )
+    if fmt == "json":
+        typer.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        columns = ["name", "kind", "licence", "cached", "size"]
+        writer = csv.DictWriter(
+            sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("name", "kind", "licence", "cached", "size")
+        for row in rows:
+            table.add_row(row["name"], row["kind"], row["licence"], row["cached"], row["size"])
+        Console().print(table)
+        _err(f"cache: {lib.cache_dir()}")
+
+
+def _size_text(known: int, complete: bool) -> str:
+    if complete:
+        return lib.human_size(known)
+    return f"{lib.human_size(known)}+" if known else "?"
+
+
+@weights_app.command("pull")
+def pull_command(
+    names: List[str] = typer.Argument(..., metavar="NAME...", help="manifest entries"),
+    offline: bool = typer.Option(False, "--offline", help="never touch the network"),
+    force: bool = typer.Option(False, "--force", help="download again even if cached"),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="accept pickle files (convert them afterwards)"
+    ),
+) -> None:
+    """Download entries into the cache, checking each file's SHA-256."""
+    for name in names:
+        with _progress() as progress:
+            path = lib.pull(
+                name,
+                offline=offline,
+                force=force,
+                allow_pickle=allow_pickle,
+                progress=progress,
+                notify=_err,
+            )
+        _err(f"{name}: ready at {path}")
+
+
+class _progress:
+    """A Rich progress bar on stderr when stderr is a terminal; silent otherwise."""
+
+    def __enter__(self):
+        if not sys.stderr.isatty():
+            return None
+        from rich.console import Console
+        from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+        self._bar = Progress(
+            *Progress.get_default_columns(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._bar.start()
+        self._tasks: dict[str, int] = {}
+
+        def update(label: str, done: int, total: Optional[int]) -> None:
+            if label not in self._tasks:
+                self._tasks[label] = self._bar.add_task(label, total=total)
+            self._bar.update(self._tasks[label], completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.stop()
+
+
+@weights_app.command("verify")
+def verify_command(
+    names: Optional[List[str]] = typer.Argument(
+        None, metavar="[NAME...]", help="default: every cached entry"
+    ),
+) -> None:
+    """Hash cached files again; exit 1 when any file is missing or differs."""
+    results = lib.verify(names or None)
+    if not results:
+        _err("nothing is cached yet; nothing to verify")
+        return
+    for r in results:
+        typer.echo(f"{r.status}\t{r.name}/{r.path}\t{r.actual or '-'}")
+        if r.status != "ok":
+            _err(f"{r.name}/{r.path}: {r.message}")
+    failed = [r for r in results if not r.ok]
+    _err(f"verified {len(results)} file(s): {len(results) - len(failed)} ok, {len(failed)} failed")
+    if failed:
+        raise typer.Exit(1)
+
+
+@weights_app.command("path")
+def path_command(name: str = typer.Argument(..., metavar="NAME")) -> None:
+    """Print an entry's local path (folder or file); exit 1 if it is not cached."""
+    typer.echo(str(lib.resolve(name, allow_pickle=True, download=False)))
+
+
+@weights_app.command("convert")
+def convert_command(
+    src: str = typer.Argument(
+        ..., metavar="SRC", help="a .pth/.pyth/.bin file, or a manifest entry name"
+    ),
+    dst: Optional[Path] = typer.Argument(
+        None, metavar="[DST]", help="output .safetensors (default: beside SRC)"
+    ),
+    method: Optional[str] = typer.Option(
+        None, "--method", help="map the released key names through this method's converter"
+    ),
+) -> None:
+    """Convert a plain PyTorch state dict to safetensors (read with weights_only=True)."""
+    src_path = Path(src)
+    if not src_path.exists() and src in lib.load_manifest():
+        written = lib.convert_entry(src, method=method, dst=dst)
+    else:
+        target = dst or src_path.with_suffix(".safetensors")
+        written = [lib.convert(src_path, target, method=method)]
+    for path in written:
+        typer.echo(str(path))
+
+
+@weights_app.command("tiny")
+def tiny_command(directory: Path = typer.Argument(..., metavar="DIR")) -> None:
+    """Write the tiny random backbone and one head per method to DIR (tests, smoke checks)."""
+    from diqa_cli.tiny import write_tiny_bundle
+
+    write_tiny_bundle(directory)
+    typer.echo(str(directory))

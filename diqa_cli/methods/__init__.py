@@ -32,6 +32,7 @@ class MethodSpec:
     default_backbone: str  # a weights-manifest name
     input_kind: str = "image"  # "image" or "video"
     resolution: int = 512  # square side the released code resizes to (aspect ratio ignored)
+    resample: str = "bicubic"  # filter of the released code's resize ("bicubic" or "bilinear")
     input_convention: str = "[0,1]"  # what the released code feeds the VAE
     timesteps: tuple[int, ...] = ()
     score_direction: str = "higher is better"

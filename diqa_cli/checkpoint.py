@@ -1,0 +1,252 @@
+"""Head checkpoints: a safetensors file of the trainable parts plus a JSON sidecar.
+
+The sidecar (``head.json`` beside ``head.safetensors``) carries everything needed to rebuild the
+model in one call (diffusers' config-travels-with-the-weights habit): the method, its constructor
+config, the backbone it was trained on (ref and weight identity), resolution, timesteps, feature
+layers, input convention, score normalisation, seed and diqa version. Pickle checkpoints are
+refused: they can run code on load; ``diqa weights convert`` turns a released ``.pth`` into
+safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from diqa_cli.errors import UsageError, WeightsError
+
+__all__ = ["SIDECAR_FORMAT", "save_head", "read_sidecar", "load_head", "released_sidecar", "sidecar_path"]
+
+SIDECAR_FORMAT = "diqa-head/1"
+_PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".pkl"}
+_SIDECAR_KEYS = (
+    "format",
+    "method",
+    "config",
+    "backbone",
+    "resolution",
+    "timesteps",
+    "feature_layers",
+    "input_convention",
+    "score_normalisation",
+    "seed",
+    "diqa_version",
+    "created",
+)
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename it over ``path``, so a
+    reader never sees half a checkpoint and an interrupted save leaves the old one intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp (and safetensors itself) create files private to the user; a checkpoint gets
+        # the permissions any other new file would (umask applied), so it can be shared.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normalisation(normalisation: dict) -> dict[str, float]:
+    try:
+        offset, scale = float(normalisation["offset"]), float(normalisation["scale"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"normalisation must be {{'offset': float, 'scale': float}}, got {normalisation!r}") from exc
+    if not (math.isfinite(offset) and math.isfinite(scale)) or scale == 0:
+        raise ValueError(f"normalisation needs finite offset and non-zero finite scale, got {normalisation!r}")
+    return {"offset": offset, "scale": scale}
+
+
+def save_head(model, path: str | os.PathLike, *, normalisation: dict, extra: dict | None = None) -> Path:
+    """Write ``path`` (safetensors of ``model.checkpoint_state_dict()``) and its JSON sidecar.
+
+    ``normalisation`` maps raw scores to reported ones (``score = raw * scale + offset``);
+    ``extra`` adds keys to the sidecar (training data, metrics…) but may not replace a core key.
+    """
+    from safetensors.torch import save_file
+
+    import diqa_cli
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UsageError(f"head checkpoints are written as .safetensors, got {str(path)!r}")
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(_SIDECAR_KEYS))
+    if clash:
+        raise ValueError(f"extra sidecar keys {clash} would replace core keys")
+    spec = model.spec
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "method": model.method_name,
+        "config": model.config,
+        "backbone": {"ref": _portable_ref(model.backbone.ref), "identity": model.backbone.identity},
+        "resolution": model.resolution,
+        "timesteps": list(spec.timesteps),
+        "feature_layers": list(model.feature_layers()),
+        "input_convention": spec.input_convention,
+        "score_normalisation": _normalisation(normalisation),
+        "seed": int(model.config.get("seed", 0)),
+        "diqa_version": diqa_cli.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+    text = json.dumps(sidecar, indent=2, sort_keys=False) + "\n"  # fails early if config isn't JSON
+    state = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_state_dict().items()}
+    metadata = {"format": "pt", "diqa_format": SIDECAR_FORMAT, "method": model.method_name}
+    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return path
+
+
+def _portable_ref(ref: str) -> str:
+    """A local backbone path is recorded absolute, so the head loads from any working directory;
+    a weights-manifest name is kept as it is."""
+    path = Path(ref)
+    return str(path.absolute()) if path.exists() else str(ref)
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise WeightsError(
+            f"{path}: pickle checkpoints ({path.suffix}) are not loaded because they can run code; "
+            f"convert it once with `diqa weights convert {path} --method METHOD` and pass the "
+            f".safetensors file"
+        )
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar of a head checkpoint (``path`` is the ``.safetensors`` file or the ``.json``)."""
+    path = Path(path)
+    _refuse_pickle(path)
+    if path.suffix != ".json" and not path.is_file():
+        raise WeightsError(f"checkpoint {str(path)!r} does not exist")
+    side = path if path.suffix == ".json" else sidecar_path(path)
+    if not side.is_file():
+        raise WeightsError(
+            f"{path}: no sidecar {side.name} beside it; a diqa head is a .safetensors file plus the "
+            f"JSON sidecar `diqa train` writes (method, config, backbone, normalisation); for a "
+            f"converted released state dict, name its method (`diqa score --method NAME`)"
+        )
+    try:
+        sidecar = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{side}: unreadable sidecar ({exc})") from exc
+    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
+        found = sidecar.get("format") if isinstance(sidecar, dict) else type(sidecar).__name__
+        raise WeightsError(f"{side}: not a diqa head sidecar (format {found!r}, expected {SIDECAR_FORMAT!r})")
+    missing = [k for k in _SIDECAR_KEYS if k not in sidecar]
+    if missing:
+        raise WeightsError(f"{side}: sidecar lacks {', '.join(missing)}")
+    return sidecar
+
+
+def load_head(
+    path: str | os.PathLike,
+    *,
+    backbone=None,
+    device: str = "auto",
+    dtype: str = "auto",
+    offline: bool = False,
+    backbone_ref: str | None = None,
+    config_overrides: dict | None = None,
+    sidecar: dict | None = None,
+):
+    """Rebuild a head from its checkpoint and sidecar; returns ``(model, sidecar)``.
+
+    The backbone is ``backbone`` if given, else ``backbone_ref`` (``--backbone``), else the one
+    the sidecar names. A backbone whose weight identity differs from the sidecar's is used with a
+    warning on stderr: the head will run, but its scores are not the trained ones.
+    ``config_overrides`` replaces config entries (``--seed``). ``sidecar`` stands in for a
+    missing one (released weights, see :func:`released_sidecar`).
+    """
+    from diqa_cli.methods import get_method, load_model_class
+
+    path = Path(path)
+    if sidecar is None:
+        sidecar = read_sidecar(path)
+    else:
+        _refuse_pickle(path)
+        if not path.is_file():
+            raise WeightsError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        spec = get_method(sidecar["method"])
+    except UsageError as exc:
+        raise WeightsError(f"{path}: written for a method this diqa does not have: {exc}") from exc
+
+    if backbone is None:
+        from diqa_cli.backbone import load_backbone
+
+        ref = backbone_ref or sidecar["backbone"]["ref"]
+        backbone = load_backbone(ref, device=device, dtype=dtype, offline=offline)
+    trained_on = sidecar["backbone"].get("identity")
+    if trained_on and backbone.identity != trained_on:
+        print(
+            f"diqa: warning: {path.name} was trained on backbone {sidecar['backbone']['ref']!r} "
+            f"(identity {trained_on[:12]}), but {backbone.ref!r} has identity {backbone.identity[:12]}; "
+            f"unless these are the same weights in another layout, scores will differ from the trained head's",
+            file=sys.stderr,
+        )
+
+    config = {**sidecar["config"], **(config_overrides or {})}
+    model = load_model_class(spec)(backbone, **config)
+    state = _read_safetensors(path)
+    model.load_checkpoint_state_dict(state)
+    model.to(backbone.device)
+    model.eval()
+    return model, sidecar
+
+
+def released_sidecar(spec, weights_name: str) -> dict[str, Any]:
+    """The sidecar of a bare state dict in a method's released layout (published weights come
+    without one): the class's default config (the released architecture), the method's default
+    backbone with no identity to check, and the spec's ``extra["released_score_normalisation"]``
+    (identity when absent). ``weights_name`` (manifest entry or file name) is recorded."""
+    import diqa_cli
+
+    normalisation = spec.extra.get("released_score_normalisation", {"offset": 0.0, "scale": 1.0})
+    return {
+        "format": SIDECAR_FORMAT,
+        "method": spec.name,
+        "config": {},
+        "backbone": {"ref": spec.default_backbone, "identity": None},
+        "resolution": spec.resolution,
+        "timesteps": list(spec.timesteps),
+        "feature_layers": list(spec.extra.get("feature_layers", [])),
+        "input_convention": spec.input_convention,
+        "score_normalisation": _normalisation(normalisation),
+        "seed": 0,
+        "diqa_version": diqa_cli.__version__,
+        "created": None,
+        "weights": weights_name,
+    }
+
+
+def _read_safetensors(path: Path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc

@@ -1,0 +1,233 @@
+"""``diqa enhance``: parse, call :mod:`diqa_cli.enhance`, report.
+
+The images are the data, written to files; stdout stays empty. One line per image and the
+progress bar (only when stderr is a terminal) go to stderr; ``--report`` writes the JSON record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from diqa_cli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, UsageError
+
+# The issue's example prior: LGDM/PMG (`pmg` is its alias).
+_DEFAULT_PRIOR = "lgdm"
+REPORT_FORMAT = "diqa-enhance/1"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("enhance")(enhance)
+
+
+def enhance(
+    paths: list[str] = typer.Argument(
+        ..., metavar="INPUTS", show_default=False,
+        help="Images, folders, quoted glob patterns, or '-' to read paths from stdin.",
+    ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output image of a single input (format from its extension).", show_default=False),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out-dir", help="Folder for several inputs: DIR/<input name>, later duplicates of a name as <stem>-2<ext>…", show_default=False,
+    ),
+    prior: Optional[str] = typer.Option(
+        None, "--prior", "-p",
+        help=f"Quality prior: a registered image method or alias (pmg/lgdm, dpiqa, genziqa…). Default: the checkpoint's method, else {_DEFAULT_PRIOR}.",
+        show_default=False,
+    ),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c", help="Head checkpoint of the prior (.safetensors + sidecar). Default: the method's released weights.", show_default=False,
+    ),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="Backbone for the prior and the diffusion process. Default: the checkpoint's.", show_default=False,
+    ),
+    fidelity: str = typer.Option("nlpd", "--fidelity", help="Distance to the input: nlpd | lpips | mse."),
+    fidelity_weight: float = typer.Option(20.0, "--fidelity-weight", help="λ in prior(x) − λ·fidelity(x, input)."),
+    iterations: int = typer.Option(50, "--iterations", help="Gradient-ascent steps at most."),
+    inversion_steps: int = typer.Option(50, "--inversion-steps", help="EDICT (DDIM) steps of the inversion and of every generation."),
+    mix: float = typer.Option(0.93, "--mix", help="EDICT mixing weight p."),
+    lr: float = typer.Option(
+        2.0, "--lr", help="Step size: each step moves the latents by lr × momentum buffer of clipped gradients (at most lr × clip per element without momentum).",
+    ),
+    momentum: float = typer.Option(0.9, "--momentum", help="Momentum of the gradient ascent."),
+    clip: float = typer.Option(1e-3, "--clip", help="Per-element gradient clip."),
+    patience: int = typer.Option(10, "--patience", help="Stop after this many iterations without a better prior score; 0 never stops early."),
+    no_checkpointing: bool = typer.Option(
+        False, "--no-checkpointing", help="Keep every step's activations for the backward pass instead of recomputing them (faster, memory grows with the steps).",
+    ),
+    output_mode: str = typer.Option(
+        "residual", "--output-mode",
+        help="residual: add the enhancement to the original pixels at full size; decoded: the regenerated image resized back.",
+    ),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write a JSON report (scores before/after, fidelity, iterations, times, seed, settings).", show_default=False),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (the prior's noise, if any). Default: the checkpoint's recorded seed.", show_default=False),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs, the input itself included."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders of folder inputs."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Refuse images with more pixels than this (default 100 M).", show_default=False),
+) -> None:
+    """Enhance images by gradient ascent on a quality prior in EDICT-inverted diffusion latents.
+
+    Maximises prior(x) − λ·fidelity(x, input) over the latents of an exact (EDICT) inversion of
+    the input, x being the image generated from them; the best iterate is written at the input's
+    size and colour mode. Exit status: 0 all written, 3 some inputs failed (a line on stderr each),
+    2 usage error, 1 fatal (weights missing), 130 interrupted (the image in progress is written
+    with the best iterate so far).
+    """
+    from diqa_cli.enhance import OUTPUT_MODES, plan_outputs
+    from diqa_cli.enhance.map import MapSettings
+    from diqa_cli.home import offline_requested
+    from diqa_cli.imageio import expand_inputs
+    from diqa_cli.methods import get_method
+
+    if output_mode not in OUTPUT_MODES:
+        raise UsageError(f"--output-mode {output_mode!r} is not one of {', '.join(OUTPUT_MODES)}")
+    settings = MapSettings(
+        iterations=iterations, inversion_steps=inversion_steps, mix=mix, fidelity=fidelity,
+        fidelity_weight=fidelity_weight, lr=lr, momentum=momentum, clip=clip, patience=patience,
+        checkpointing=not no_checkpointing, seed=seed if seed is not None else 0,
+    )
+    sidecar = None
+    if checkpoint is not None:
+        from diqa_cli.checkpoint import read_sidecar
+
+        sidecar = read_sidecar(checkpoint)  # a missing or foreign checkpoint fails before torch loads
+    method = get_method(prior or (sidecar["method"] if sidecar else _DEFAULT_PRIOR))
+    if method.input_kind != "image":
+        raise UsageError(f"--prior {method.name!r} scores {method.input_kind}s; enhancement needs an image method (see `diqa methods`)")
+    if report is not None and report.is_dir():
+        raise UsageError(f"--report {str(report)!r} is a directory; name a .json file")
+    offline = offline_requested(offline)
+
+    items = expand_inputs(paths, recursive=recursive, stdin=sys.stdin)
+    plans = plan_outputs(items, output=output, out_dir=out_dir, overwrite=overwrite)
+    record = {"format": REPORT_FORMAT, "prior": {"method": method.name}, "settings": None, "images": []}
+    entries = record["images"]
+    runnable = [plan for plan in plans if plan.error is None]
+
+    if runnable:
+        enhancer, record["prior"], settings = _build(method.name, checkpoint, backbone, device, dtype, offline, seed, settings)
+    record["settings"] = {**settings.to_dict(), "output_mode": output_mode}
+    record["seed"] = settings.seed
+
+    interrupted = False
+    try:
+        with _Progress(settings) as progress:
+            for plan in plans:
+                if plan.error is not None:
+                    entry = {"input": plan.input, "output": plan.output, "status": "error", "error": plan.error}
+                else:
+                    from diqa_cli.enhance import enhance_file
+
+                    progress.start(plan.input)
+                    entry = enhance_file(plan, enhancer, output_mode=output_mode, max_pixels=max_pixels, progress=progress.update)
+                entries.append(entry)
+                progress.tell(_summary(entry, settings.fidelity))
+                if entry["status"] == "interrupted":
+                    interrupted = True
+                    break
+    finally:
+        if report is not None:
+            _write_report(report, record)
+    failed = sum(entry["status"] == "error" for entry in entries)
+    if failed:
+        print(f"diqa: {failed} of {len(plans)} inputs failed", file=sys.stderr)
+    if interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    raise typer.Exit(EXIT_PARTIAL if failed else EXIT_OK)
+
+
+def _build(method, checkpoint, backbone, device, dtype, offline, seed, settings):
+    """Load the prior and its backbone; returns (enhancer, the report's prior record, settings
+    with the seed actually used)."""
+    from dataclasses import replace
+
+    from diqa_cli.enhance.map import MapEnhancer, QualityPrior
+    from diqa_cli.scoring import load_scorer
+
+    model, sidecar = load_scorer(method, backbone=backbone, checkpoint=str(checkpoint) if checkpoint else None,
+                                 device=device, dtype=dtype, offline=offline, seed=seed)
+    settings = replace(settings, seed=int(model.config.get("seed", sidecar.get("seed", 0)) if seed is None else seed))
+    enhancer = MapEnhancer(model.backbone, QualityPrior(model, sidecar["score_normalisation"]), settings, offline=offline)
+    prior = {
+        "method": model.method_name,
+        "checkpoint": str(checkpoint) if checkpoint else sidecar.get("released_weights"),
+        "backbone": {"ref": str(model.backbone.ref), "identity": model.backbone.identity},
+        "score_normalisation": sidecar["score_normalisation"],
+        "resolution": model.resolution,
+        "device": str(model.backbone.device),
+        "dtype": str(model.backbone.dtype).replace("torch.", ""),
+    }
+    return enhancer, prior, settings
+
+
+def _summary(entry: dict, fidelity: str) -> str:
+    if entry["status"] == "error":
+        return f"diqa: {entry['input']}: {entry['error']}"
+    note = " (interrupted: best so far)" if entry["status"] == "interrupted" else f" ({entry['stop_reason']})"
+    return (
+        f"diqa: {entry['input']} -> {entry['output']}: prior {entry['prior_before']:.4g} -> {entry['prior_after']:.4g}, "
+        f"{fidelity} {entry['fidelity']:.4g}, {entry['iterations']} iterations{note}, {entry['seconds']:.1f} s"
+    )
+
+
+def _write_report(path: Path, record: dict) -> None:
+    import diqa_cli
+    from diqa_cli.enhance import write_report
+
+    write_report(path, {"diqa_version": diqa_cli.__version__, **record})
+
+
+class _Progress(contextlib.AbstractContextManager):
+    """A rich progress bar on stderr while it is a terminal (inversion steps, then iterations
+    with the current prior score); otherwise silent. ``tell`` prints a line above it."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=Console(stderr=True), transient=True, redirect_stdout=False, redirect_stderr=False,
+            )
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+    def start(self, name: str) -> None:
+        self.name = Path(name).name
+        if self.bar is not None:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(f"{self.name}: inverting", total=self.settings.inversion_steps)
+
+    def update(self, phase: str, done: int, total: int, record: dict | None) -> None:
+        if self.bar is None:
+            return
+        if phase == "invert":
+            self.bar.update(self.task, completed=done, total=total)
+        else:
+            description = f"{self.name}: prior {record['prior']:.4g}, {self.settings.fidelity} {record['fidelity']:.4g}"
+            self.bar.update(self.task, description=description, completed=done, total=max(total, 1))
+
+    def tell(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(message, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,186 @@
+"""``diqa score-video``: videos to rows on stdout, one row per video.
+
+Same conventions as ``diqa score``: data on stdout (table on a terminal, CSV in a pipe, or
+``--format``), messages and the progress bar on stderr, rows streamed as each video finishes, an
+error row for every input that cannot be scored, exit status 0 / 3 / 2 / 1. torch is imported only
+once scoring starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import typer
+
+from diqa_cli.errors import EXIT_BROKEN_PIPE, EXIT_OK, EXIT_PARTIAL, UsageError
+from diqa_cli.output import FORMATS, default_format, open_writer
+
+_DEFAULT_METHOD = "genzvqa"
+
+# CSV carries the per-video columns; JSON adds the run's context (as ``diqa score`` does); the
+# table keeps what a person reads at a glance.
+_CSV_COLUMNS = (
+    "path", "score", "raw_score", "status", "error",
+    "frames_sampled", "frames_decoded", "frames_lost", "decoder", "duration",
+)
+_JSON_COLUMNS = (*_CSV_COLUMNS, "clips", "method", "backbone", "checkpoint", "slowfast", "seconds")
+_TABLE_COLUMNS = ("path", "score", "status", "frames_sampled", "frames_lost", "decoder", "duration", "error")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("score-video")(score_video)
+
+
+def _columns(fmt: str, per_frame: bool) -> tuple[str, ...]:
+    if fmt in ("json", "jsonl"):
+        return (*_JSON_COLUMNS, "per_frame") if per_frame else _JSON_COLUMNS
+    return _TABLE_COLUMNS if fmt == "table" else _CSV_COLUMNS
+
+
+def score_video(
+    paths: list[str] | None = typer.Argument(
+        None,
+        metavar="[PATHS]...",
+        help="Videos, folders, quoted glob patterns ('clips/*.mp4'), or '-' to read paths from stdin.",
+        show_default=False,
+    ),
+    fps_sub: float | None = typer.Option(
+        None, "--fps-sub", help="Frames per second of video to score, picked by timestamp. Default: see --max-frames.",
+        show_default=False,
+    ),
+    max_frames: int | None = typer.Option(
+        None, "--max-frames", min=1,
+        help="At most this many frames, spread evenly over the whole video. Default: 8 when --fps-sub is not "
+        "given (the released test setting), no cap when it is.",
+        show_default=False,
+    ),
+    method: str | None = typer.Option(
+        None, "--method", "-m", help=f"Video method (see `diqa methods`). Default: the checkpoint's, else {_DEFAULT_METHOD}.",
+        show_default=False,
+    ),
+    backbone: str | None = typer.Option(
+        None, "--backbone", help="Backbone: manifest name, diffusers folder or single .safetensors file. Default: the checkpoint's.",
+        show_default=False,
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", "-c", help="Head checkpoint (.safetensors with its .json sidecar).", show_default=False,
+    ),
+    slowfast: str | None = typer.Option(
+        None, "--slowfast",
+        help="SlowFast weights: manifest name (slowfast-r50-k400) or converted .safetensors. Default: the checkpoint's.",
+        show_default=False,
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16 (half only where the device supports it)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Frames per U-Net batch."),
+    max_clips: int = typer.Option(16, "--max-clips", min=1, help="At most this many SlowFast clips (one per second of video)."),
+    decoder: str = typer.Option("auto", "--decoder", help="auto (decord, PyAV where decord cannot read), decord or pyav."),
+    fmt: str | None = typer.Option(
+        None, "--format", "-f", help=f"{' | '.join(FORMATS)}. Default: table on a terminal, csv in a pipe.", show_default=False,
+    ),
+    per_frame: bool = typer.Option(False, "--per-frame", help="Add each frame's time and score (json and jsonl only)."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders of folder inputs."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed of the noise bank. Default: the one recorded in the checkpoint.", show_default=False,
+    ),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
+) -> None:
+    """Score videos; one row per video on stdout.
+
+    Exit status: 0 every video scored, 3 some failed (each has an error row and a line on stderr),
+    2 usage error, 1 fatal (weights missing, bad checkpoint), 130 interrupted.
+    """
+    from diqa_cli.cli.score import _progress, _same_terminal, _tell
+    from diqa_cli.home import offline_requested
+    from diqa_cli.methods import get_method
+    from diqa_cli.videoio import DECODERS, VIDEO_EXTENSIONS
+
+    fmt = fmt or default_format(sys.stdout)
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if per_frame and fmt not in ("json", "jsonl"):
+        raise UsageError("--per-frame adds a list per row, which only --format json or jsonl can carry")
+    if decoder not in DECODERS:
+        raise UsageError(f"--decoder {decoder!r} is not one of {', '.join(DECODERS)}")
+    if fps_sub is not None and not fps_sub > 0:
+        raise UsageError(f"--fps-sub must be a positive number of frames per second, got {fps_sub}")
+    if not paths:
+        raise UsageError("no inputs: pass video paths, folders, quoted glob patterns, or '-' to read paths from stdin")
+    if checkpoint is not None:
+        from diqa_cli.checkpoint import read_sidecar
+
+        trained = read_sidecar(checkpoint)["method"]  # a missing or foreign checkpoint fails before torch loads
+        method = method or trained
+    method = method or _DEFAULT_METHOD
+    spec = get_method(method)
+    if spec.input_kind != "video":
+        raise UsageError(f"method {spec.name!r} scores images; use `diqa score --method {spec.name}`")
+    offline = offline_requested(offline)
+
+    from diqa_cli.imageio import expand_inputs
+
+    items = expand_inputs(paths, recursive=recursive, stdin=sys.stdin, extensions=VIDEO_EXTENSIONS, kind="video")
+
+    import torch
+
+    from diqa_cli.models.genzvqa import score_videos
+    from diqa_cli.models.slowfast import load_slowfast
+    from diqa_cli.scoring import load_scorer
+
+    model, sidecar = load_scorer(
+        spec.name,
+        backbone=backbone,
+        checkpoint=str(checkpoint) if checkpoint is not None else None,
+        device=device,
+        dtype=dtype,
+        offline=offline,
+        seed=seed,
+    )
+    bb = model.backbone
+    extractor = load_slowfast(
+        slowfast or model.config["slowfast"],
+        device=bb.device,
+        # SlowFast is cheap beside the U-Net; half precision only where the U-Net runs in it on a GPU.
+        dtype=bb.dtype if bb.device.type == "cuda" else torch.float32,
+        offline=offline,
+        # A checkpoint's own relative SlowFast path is relative to the checkpoint, not the shell.
+        relative_to=checkpoint.parent if slowfast is None and checkpoint is not None else None,
+    )
+    model.check_slowfast(extractor)
+    context = {"checkpoint": str(checkpoint) if checkpoint is not None else None}
+
+    failed = 0
+    with _progress(len(items)) as progress:
+        stdout_console = progress.console if progress is not None and _same_terminal() else None
+        path_width = max((len(str(item.path)) for item in items), default=4)
+        try:
+            with open_writer(
+                fmt, sys.stdout, columns=_columns(fmt, per_frame), path_width=path_width, console=stdout_console
+            ) as writer:
+                rows = score_videos(
+                    items, model, extractor, normalisation=sidecar["score_normalisation"], fps_sub=fps_sub,
+                    max_frames=max_frames, max_clips=max_clips, decoder=decoder, batch_size=batch_size,
+                    per_frame=per_frame,
+                )
+                with contextlib.closing(rows):  # stops the decoding thread on Ctrl-C or a closed pipe
+                    for row in rows:
+                        row.update(context)
+                        if row["status"] != "ok":
+                            failed += 1
+                            _tell(progress, f"diqa: {row['path']}: {row['error']}")
+                        elif row.get("frames_lost"):
+                            _tell(progress, f"diqa: {row['path']}: {row['frames_lost']} of {row['frames_sampled']} "
+                                            "chosen frames did not decode; scored on the rest")
+                        writer.write(row)
+                        if progress is not None:
+                            progress.advance(progress.task_ids[0])
+        except BrokenPipeError:
+            from diqa_cli.cli import _quiet_broken_pipe
+
+            _quiet_broken_pipe()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+    if failed:
+        print(f"diqa: {failed} of {len(items)} videos failed", file=sys.stderr)
+    raise typer.Exit(EXIT_PARTIAL if failed else EXIT_OK)

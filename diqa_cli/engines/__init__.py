@@ -1,0 +1,109 @@
+"""Where scoring runs: ``local`` (this process) or ``ray`` (an actor pool on a Ray cluster).
+
+Both engines run the same scorer, ``scoring.load_scorer`` + ``scoring.score_images``; an engine
+only decides where. Each has
+
+* ``settings()``: the :class:`~diqa_cli.store.ScoreSettings` its scores come from (the score
+  store keys reuse on them);
+* ``score(items)``: one row per input item (``imageio.InputItem`` or path), in input order;
+* ``close()`` (also a context manager).
+
+This module never imports torch or ray at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from diqa_cli.errors import UsageError
+
+__all__ = ["ENGINES", "LocalEngine", "ScorerOptions", "open_engine"]
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ScorerOptions:
+    """What ``diqa score`` was asked for: enough to build the scorer anywhere (it is pickled to
+    Ray actors) and to run it."""
+
+    method: str | None = None
+    backbone: str | None = None
+    checkpoint: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    offline: bool = False
+    seed: int | None = None
+    batch_size: int = 8
+    workers: int = 2
+    max_pixels: int | None = None
+
+    def load(self):
+        """``(model, sidecar)`` as ``scoring.load_scorer`` builds them."""
+        from diqa_cli.scoring import load_scorer
+
+        return load_scorer(
+            self.method,
+            backbone=self.backbone,
+            checkpoint=self.checkpoint,
+            device=self.device,
+            dtype=self.dtype,
+            offline=self.offline,
+            seed=self.seed,
+        )
+
+    def settings(self, model, sidecar):
+        from diqa_cli.store import checkpoint_file, settings_for
+
+        return settings_for(model, sidecar, checkpoint_file(self.checkpoint, model.method_name))
+
+    def score(self, items, model, sidecar):
+        """Rows for ``items`` from a loaded scorer, in input order."""
+        from diqa_cli.scoring import score_images
+
+        return score_images(
+            items,
+            model,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            normalisation=sidecar["score_normalisation"],
+            max_pixels=self.max_pixels,
+        )
+
+
+class LocalEngine:
+    """The model loaded once in this process."""
+
+    def __init__(self, options: ScorerOptions):
+        self.options = options
+        self.model, self.sidecar = options.load()
+
+    def settings(self):
+        return self.options.settings(self.model, self.sidecar)
+
+    def score(self, items):
+        return self.options.score(items, self.model, self.sidecar)
+
+    def close(self) -> None:
+        self.model = None
+
+    def __enter__(self) -> LocalEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_engine(name: str, options: ScorerOptions, *, ray_address: str | None = None, ray_actors: int | None = None) -> Any:
+    """The engine called ``name`` (``--engine``), ready to score. ``ray_address`` (else
+    ``RAY_ADDRESS``, else a new local instance) and ``ray_actors`` only concern ``ray``."""
+    if name == "local":
+        if ray_address is not None or ray_actors is not None:
+            raise UsageError("--ray-address and --ray-actors need --engine ray")
+        return LocalEngine(options)
+    if name == "ray":
+        from diqa_cli.engines.ray_engine import RayEngine
+
+        return RayEngine(options, address=ray_address, actors=ray_actors)
+    raise UsageError(f"--engine {name!r} is not one of {', '.join(ENGINES)}")

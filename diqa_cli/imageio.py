@@ -1,0 +1,434 @@
+"""Image inputs: which files to read, and how each becomes RGB floats in [0, 1].
+
+Torch-free (numpy and Pillow only), so the CLI can expand and check inputs before importing torch.
+
+Accepted inputs (``expand_inputs``)
+  * a file path: always an input, even if it does not exist (it then fails with "no such file");
+  * a directory: its image files (by extension, see ``IMAGE_EXTENSIONS``, case-insensitive), sorted
+    by name; only its direct files unless ``recursive`` (``--recursive``) is set. Hidden names
+    (starting with ".", such as macOS ``._IMG.jpg`` resource forks) are skipped, as a shell glob
+    skips them; symlinked files are read, symlinked directories are not followed (no loops);
+  * a glob pattern the shell did not expand (quoted): diqa expands it, sorted, and ``**`` spans
+    directories only with ``recursive``. Each match is handled exactly as if the shell had passed
+    it, so a matched directory is listed as above. A path that exists is never treated as a
+    pattern, so a file literally named ``a[1].jpg`` still works;
+  * ``-``: paths read from standard input, one per line, or NUL-separated (``find -print0``) when
+    the text contains a NUL; each entry is a literal path (no globbing), in the given order, and
+    handled like an argument. A file literally named ``-`` is given as ``./-``.
+  The result keeps argument order, drops repeats of the same file (by resolved real path, so
+  ``a.png``, ``./a.png`` and a symlink to it are one input; the first spelling wins), and every
+  argument yields at least one item: a pattern matching nothing, a directory without images and an
+  empty ``-`` each yield an item carrying its error, so every input gets exactly one output row.
+
+Decoding (``load_image``)
+  * EXIF orientation is applied, so the array has the shape a photo viewer shows.
+  * 16-bit samples (Pillow modes ``I;16*``, and ``I`` as Pillow gives 16-bit PGM/PPM data) are
+    divided by 65535; ``I`` from a TIFF uses the file's BitsPerSample (2**bits - 1). Integer data
+    outside that range (signed TIFF) is min-max normalised. Nothing is clipped. Pillow 13 reads
+    48-bit RGB and 64-bit RGBA PNG/TIFF as 8 bits per channel (the high byte); those scale
+    correctly at 8-bit precision.
+  * Float images (mode ``F``, float TIFF): values already within [0, 1] are kept as they are;
+    otherwise the image is min-max normalised to [0, 1] (a constant image outside [0, 1] is
+    clipped).
+    NaN or infinite pixels make the input fail.
+  * Alpha (RGBA, LA, PA, palette or RGB/L with a transparent colour) is composited over white.
+  * CMYK, palette, grayscale, bilevel, YCbCr, HSV, LAB... are converted to RGB by Pillow; embedded
+    colour profiles are not applied (as in the papers' released code, which calls
+    ``convert("RGB")``).
+  * Animated images (GIF, APNG, WebP) are scored on their first frame.
+  * Pixel limit: an image whose header declares more than ``DEFAULT_MAX_PIXELS`` (100 megapixels)
+    fails before any pixel is decoded ("decompression bomb" protection). Override it with the
+    ``max_pixels`` argument or the ``DIQA_MAX_PIXELS`` environment variable. This limit replaces
+    Pillow's own ``Image.MAX_IMAGE_PIXELS`` check while diqa decodes, so Pillow's
+    DecompressionBombWarning never lets an over-limit image through nor prints to stderr, and no
+    warning filter is changed.
+  * Truncated files fail: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False and the pixel
+    data is decoded in full before it is used.
+  Missing, directory, unreadable, empty, non-image, corrupt, truncated and over-limit inputs raise
+  ``InputError(path, reason)`` with a short one-line reason.
+
+Model input (``resize_for_model``)
+  Every image, whatever its size or aspect ratio (a 1x1 image included), is resized to R x R,
+  ignoring aspect ratio, as the papers' released code does; upscaling a tiny image just blurs it.
+  The resize runs per channel in float (Pillow mode ``F``, so 16-bit precision survives) and is
+  clipped to [0, 1] afterwards because bicubic filtering overshoots at sharp edges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import os
+import re
+import stat
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TextIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from diqa_cli.errors import InputError, UsageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "InputItem",
+    "expand_inputs",
+    "iter_images",
+    "load_image",
+    "max_pixels_limit",
+    "resize_for_model",
+]
+
+DEFAULT_MAX_PIXELS = 100_000_000
+MAX_PIXELS_ENV = "DIQA_MAX_PIXELS"
+
+# Extensions listed when a directory or pattern is walked. A fixed list rather than Pillow's
+# registry, which also names formats no one means by "photos" (EPS, PDF, fonts, GRIB stubs).
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".webp", ".avif", ".bmp",
+        ".dib", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".pfm", ".tga", ".ico",
+        ".jp2", ".j2k", ".jpx", ".qoi",
+    }
+)
+
+RESAMPLE_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+_GLOB_CHARS = re.compile(r"[*?[]")
+
+# Transparent pixels become white: most images with an alpha channel (logos, product shots,
+# screenshots, documents) are made to be seen on a white page, and black would hide dark content,
+# while a checkerboard would add texture that a quality model reads as a distortion.
+_ALPHA_BACKGROUND = 1.0
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input as the user named it; ``error`` is set when it is known to fail already."""
+
+    path: str
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- input expansion
+
+
+def expand_inputs(
+    args: list[str],
+    *,
+    recursive: bool = False,
+    stdin: TextIO | None = None,
+    extensions: frozenset[str] = IMAGE_EXTENSIONS,
+    kind: str = "image",
+) -> list[InputItem]:
+    """Turn command-line arguments into the ordered, de-duplicated list of inputs.
+
+    See the module docstring for the rules. ``stdin`` defaults to ``sys.stdin`` and is read at
+    most once, at the first ``-``. ``extensions`` and ``kind`` name what a directory is searched
+    for (``videoio.VIDEO_EXTENSIONS``, "video" for ``diqa score-video``).
+    """
+    items: list[InputItem] = []
+    seen: set[str] = set()
+    stdin_entries: list[str] | None = None
+    for arg in args:
+        if arg == "-":
+            if stdin_entries is None:
+                stdin_entries = _read_path_list(sys.stdin if stdin is None else stdin)
+            found = [i for entry in stdin_entries for i in _path_items(entry, recursive, extensions, kind)]
+            if not stdin_entries:
+                found = [InputItem("-", "no paths on standard input")]
+        elif _GLOB_CHARS.search(arg) and not os.path.lexists(arg):
+            matches = sorted(glob.glob(arg, recursive=recursive))
+            found = [i for match in matches for i in _path_items(match, recursive, extensions, kind)]
+            if not matches:
+                found = [InputItem(arg, "no files match this pattern")]
+        else:
+            found = _path_items(arg, recursive, extensions, kind)
+        for item in found:
+            key = os.path.realpath(item.path)
+            if key not in seen:
+                seen.add(key)
+                items.append(item)
+    return items
+
+
+def _read_path_list(stream: TextIO) -> list[str]:
+    # Read bytes where the stream has them so that file names that are not valid UTF-8 come back
+    # as the same os-level names (surrogate escapes) rather than failing to decode.
+    buffer = getattr(stream, "buffer", None)
+    text = os.fsdecode(buffer.read()) if buffer is not None else stream.read()
+    entries = text.split("\0") if "\0" in text else text.splitlines()
+    return [entry for entry in entries if entry]
+
+
+def _path_items(
+    path: str, recursive: bool, extensions: frozenset[str] = IMAGE_EXTENSIONS, kind: str = "image"
+) -> list[InputItem]:
+    if not os.path.isdir(path):
+        return [InputItem(path)]
+    files = _directory_images(path, recursive, extensions)
+    if files:
+        return [InputItem(f) for f in files]
+    hint = "" if recursive else " (subdirectories are searched only with --recursive)"
+    return [InputItem(path, f"no {kind} files in this directory{hint}")]
+
+
+def _directory_images(root: str, recursive: bool, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        for name in sorted(filenames):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+                found.append(os.path.join(dirpath, name))
+    return found
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def max_pixels_limit(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: ``max_pixels`` if given, else ``$DIQA_MAX_PIXELS``, else 100 M."""
+    if max_pixels is None:
+        raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not raw:
+            return DEFAULT_MAX_PIXELS
+        try:
+            max_pixels = int(raw)
+        except ValueError:
+            max_pixels = 0
+        if max_pixels < 1:
+            raise UsageError(
+                f"{MAX_PIXELS_ENV}={raw!r} is not a positive whole number of pixels; "
+                f"set it like {MAX_PIXELS_ENV}={DEFAULT_MAX_PIXELS} or unset it"
+            )
+    elif max_pixels < 1:
+        raise UsageError(f"max_pixels must be at least 1, got {max_pixels}")
+    return max_pixels
+
+
+_pillow_guard_lock = threading.Lock()
+_pillow_guard_users = 0
+_pillow_guard_saved: int | None = None
+
+
+@contextlib.contextmanager
+def _diqa_limit_replaces_pillows():
+    """Switch Pillow's own pixel check off while any diqa decode runs, and restore it after.
+
+    Pillow checks ``Image.MAX_IMAGE_PIXELS`` while opening (and again in some loaders) and only
+    *warns* between 1x and 2x that limit. Turning that warning into an error would need a
+    process-wide warning filter (``catch_warnings`` is not thread-safe), and Pillow's limit would
+    also override the user's. diqa checks the declared size itself before decoding instead, so the
+    two checks never disagree. A counter, not a plain swap, because decoder threads overlap.
+    """
+    global _pillow_guard_users, _pillow_guard_saved
+    with _pillow_guard_lock:
+        if _pillow_guard_users == 0:
+            _pillow_guard_saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _pillow_guard_users += 1
+    try:
+        yield
+    finally:
+        with _pillow_guard_lock:
+            _pillow_guard_users -= 1
+            if _pillow_guard_users == 0:
+                Image.MAX_IMAGE_PIXELS = _pillow_guard_saved
+
+
+def load_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
+    """Decode one image file to float32 (H, W, 3) RGB in [0, 1].
+
+    Raises ``InputError(path, reason)`` for anything that cannot be used; see the module
+    docstring for the conversion rules and the pixel limit.
+    """
+    limit = max_pixels_limit(max_pixels)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except PermissionError:
+        raise InputError(path, "permission denied") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError(path, "is a directory")
+    # Pipes are allowed so that process substitution (`diqa score <(curl ...)`) works; devices and
+    # sockets could block or never end.
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
+        raise InputError(path, "not a regular file")
+    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+        raise InputError(path, "empty file (0 bytes)")
+
+    with contextlib.ExitStack() as stack:
+        try:
+            source = stack.enter_context(open(path, "rb"))
+            if stat.S_ISFIFO(info.st_mode):  # Pillow needs to seek
+                source = io.BytesIO(source.read())
+            with _diqa_limit_replaces_pillows():
+                img = stack.enter_context(Image.open(source))
+                width, height = img.size
+                if width * height > limit:
+                    raise InputError(
+                        path,
+                        f"too many pixels: {width}x{height} = {width * height} exceeds the limit "
+                        f"of {limit} (possible decompression bomb; set {MAX_PIXELS_ENV} to change "
+                        "it)",
+                    )
+                img.load()  # decode now, so that truncation and corruption surface here
+                bits = _tiff_bits_per_sample(img)
+                ImageOps.exif_transpose(img, in_place=True)
+        except InputError:
+            raise
+        except PermissionError:
+            raise InputError(path, "permission denied") from None
+        except FileNotFoundError:
+            raise InputError(path, "no such file") from None
+        except UnidentifiedImageError:
+            raise InputError(path, "not an image or unsupported format") from None
+        except Image.DecompressionBombError as exc:  # a loader's own check of a frame or tile
+            raise InputError(path, f"too many pixels: {_one_line(exc)}") from None
+        except OSError as exc:
+            if "truncated" in str(exc):
+                raise InputError(path, "truncated image data") from None
+            raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
+        except Exception as exc:  # loaders report damage as SyntaxError, struct.error, ...
+            raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
+        return _to_rgb_float(img, bits, path)
+
+
+def _tiff_bits_per_sample(img: Image.Image) -> int | None:
+    tags = getattr(img, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None  # 258: BitsPerSample
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return bits if isinstance(bits, int) else None
+
+
+def _to_rgb_float(img: Image.Image, tiff_bits: int | None, path: str) -> np.ndarray:
+    mode = img.mode
+    if mode.startswith("I;16"):
+        gray = np.asarray(img).astype(np.float32) / 65535.0
+    elif mode == "I":
+        values = np.asarray(img).astype(np.float64)
+        top = float(2 ** (tiff_bits or 16) - 1)
+        if values.min() >= 0 and values.max() <= top:
+            gray = (values / top).astype(np.float32)
+        else:
+            gray = _min_max(values)
+    elif mode == "F":
+        values = np.asarray(img).astype(np.float64)
+        if not np.isfinite(values).all():
+            raise InputError(path, "float image has NaN or infinite pixels")
+        if values.min() >= 0 and values.max() <= 1:
+            gray = values.astype(np.float32)
+        elif values.max() > values.min():
+            gray = _min_max(values)
+        else:
+            gray = np.clip(values, 0, 1).astype(np.float32)
+    else:
+        try:
+            if img.has_transparency_data:
+                rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+                alpha = rgba[..., 3:]
+                return rgba[..., :3] * alpha + _ALPHA_BACKGROUND * (1.0 - alpha)
+            rgb = img if mode == "RGB" else img.convert("RGB")
+        except ValueError as exc:  # a mode Pillow cannot convert (e.g. premultiplied "La")
+            raise InputError(path, f"unsupported colour mode {mode}: {_one_line(exc)}") from None
+        pixels = np.asarray(rgb).astype(np.float32)
+        pixels *= 1.0 / 255.0
+        return pixels
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    low, high = values.min(), values.max()
+    return ((values - low) / (high - low)).astype(np.float32)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- model input
+
+
+def resize_for_model(
+    image: np.ndarray, resolution: int, *, resample: str = "bicubic"
+) -> np.ndarray:
+    """(H, W, 3) float RGB in [0, 1] -> float32 (3, R, R) in [0, 1], aspect ratio ignored.
+
+    ``resample`` is "bicubic" (default; GenzIQA's released transform) or "bilinear" (the default
+    of torchvision's ``Resize``, which DP-IQA's released transform uses). Pillow filters the same
+    way on 8-bit images, so this matches the released pipelines up to their 8-bit rounding.
+    """
+    method = _resample_filter(resample)
+    planes = np.ascontiguousarray(np.moveaxis(image, 2, 0), dtype=np.float32)
+    size = (resolution, resolution)
+    resized = np.stack([np.asarray(Image.fromarray(p).resize(size, method)) for p in planes])
+    return np.clip(resized, 0.0, 1.0, out=resized)
+
+
+def _resample_filter(name: str) -> Image.Resampling:
+    try:
+        return RESAMPLE_FILTERS[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown resample filter {name!r}; choose one of {', '.join(RESAMPLE_FILTERS)}"
+        ) from None
+
+
+def iter_images(
+    items: Iterable[InputItem],
+    resolution: int,
+    *,
+    workers: int = 2,
+    prefetch: int = 8,
+    max_pixels: int | None = None,
+    resample: str = "bicubic",
+) -> Iterator[tuple[InputItem, np.ndarray | None, str | None]]:
+    """Yield ``(item, pixels, error)`` in input order, decoding ahead in a thread pool.
+
+    ``pixels`` is ``resize_for_model``'s (3, R, R) array, or None with ``error`` the one-line
+    reason. At most ``prefetch`` inputs are decoded or decoding ahead of the consumer, which
+    bounds memory. A bad input never raises. Options are checked here, before the first decode.
+    """
+    if workers < 1 or prefetch < 1:
+        raise UsageError(f"workers and prefetch must be at least 1, got {workers} and {prefetch}")
+    _resample_filter(resample)
+    limit = max_pixels_limit(max_pixels)
+
+    def decode(item: InputItem) -> tuple[InputItem, np.ndarray | None, str | None]:
+        if item.error is not None:
+            return item, None, item.error
+        try:
+            image = load_image(item.path, max_pixels=limit)
+        except InputError as exc:
+            return item, None, exc.reason
+        return item, resize_for_model(image, resolution, resample=resample), None
+
+    return _decode_ahead(items, decode, workers, prefetch)
+
+
+def _decode_ahead(items, decode, workers, prefetch):
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diqa-decode")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(decode, item))
+            if len(pending) >= prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        # The consumer may stop early (`| head -1`, Ctrl-C): drop queued decodes, let running
+        # ones finish (at most `workers`), so no thread outlives the iterator.
+        pool.shutdown(wait=True, cancel_futures=True)

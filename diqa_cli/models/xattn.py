@@ -1,0 +1,154 @@
+"""Cross-attention that keeps its fast SDPA output and also reports pooled pre-softmax logits.
+
+GenzIQA and GenzVQA read, in every cross-attention layer of the U-Net, the logits
+``s = q·kᵀ/√d`` (batch, heads, positions, tokens) pooled over the spatial positions by a
+temperature log-sum-exp, ``logsumexp(λ·s, positions) / λ`` (λ = 0.14 in the released code),
+and the spatial mean of the layer's query features. The released code got them by computing
+the attention output the slow way (explicit softmax). Here the attention output still comes
+from ``F.scaled_dot_product_attention``, exactly as diffusers' ``AttnProcessor2_0`` computes
+it, and the pooled logits come from one extra ``q·kᵀ`` matmul beside it; no softmax is
+materialised for the output.
+
+The processor calls ``attn.to_q`` / ``attn.to_k`` / ``attn.to_v`` / ``attn.to_out[0]`` as
+modules, so LoRA layers that peft wraps around them take part transparently.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CrossAttentionRecorder",
+    "PooledLogitAttnProcessor",
+    "cross_attention_layer_names",
+    "install_pooled_logit_processors",
+    "pooled_logits",
+]
+
+
+def pooled_logits(query: torch.Tensor, key: torch.Tensor, temperature: float, attention_mask=None) -> torch.Tensor:
+    """(B, heads, N, d) queries and (B, heads, M, d) keys -> (B, heads, M): the scaled dot-product
+    logits pooled over the N query positions by ``logsumexp(temperature·s) / temperature``.
+
+    Computed in float32 whatever the U-Net's dtype, since the sum runs over up to 4096
+    positions (SD at 512 px). ``attention_mask`` is the additive bias SDPA got."""
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
+    if attention_mask is not None:
+        logits = logits + attention_mask.float()
+    return torch.logsumexp(temperature * logits, dim=-2) / temperature
+
+
+class CrossAttentionRecorder:
+    """What the pooled-logit processors report during one U-Net call, by layer name.
+
+    Recording is on only inside ``with recorder:``, so a U-Net call outside it costs nothing
+    extra and leaves no tensors behind; entering clears what an earlier call left."""
+
+    def __init__(self):
+        self.active = False
+        self.pooled: dict[str, torch.Tensor] = {}  # name -> (B, heads, tokens)
+        self.query_means: dict[str, torch.Tensor] = {}  # name -> (B, channels)
+
+    def clear(self) -> None:
+        self.pooled.clear()
+        self.query_means.clear()
+
+    def __enter__(self) -> CrossAttentionRecorder:
+        self.clear()
+        self.active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.active = False
+        if exc[0] is not None:
+            self.clear()
+
+
+class PooledLogitAttnProcessor:
+    """``AttnProcessor2_0``'s computation, plus (while its recorder is active) the layer's pooled
+    logits and spatial-mean query features written to ``recorder`` under ``name``."""
+
+    def __init__(self, name: str, recorder: CrossAttentionRecorder, temperature: float):
+        self.name = name
+        self.recorder = recorder
+        self.temperature = float(temperature)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        recording = self.recorder.active
+        if recording:
+            # The released code averages the query after its LoRA and before the head split.
+            self.recorder.query_means[self.name] = query.mean(dim=1)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if recording:
+            self.recorder.pooled[self.name] = pooled_logits(query, key, self.temperature, attention_mask)
+
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def cross_attention_layer_names(unet) -> list[str]:
+    """Module names of the U-Net's cross-attention layers (``attn2`` of every transformer block),
+    in the order the U-Net runs them: down blocks, mid block, up blocks."""
+    from diffusers.models.attention_processor import Attention
+
+    stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    names = [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] == "attn2" and module.is_cross_attention
+    ]
+    # named_modules() follows registration order, which in diffusers puts up_blocks before the
+    # mid block; a stable sort on the stage restores execution order.
+    return sorted(names, key=lambda name: stage.get(name.split(".", 1)[0], len(stage)))
+
+
+def install_pooled_logit_processors(unet, names, recorder: CrossAttentionRecorder, temperature: float) -> None:
+    """Give each named cross-attention layer a :class:`PooledLogitAttnProcessor`; other layers
+    (self-attention) keep theirs."""
+    modules = dict(unet.named_modules())
+    for name in names:
+        modules[name].set_processor(PooledLogitAttnProcessor(name, recorder, temperature))

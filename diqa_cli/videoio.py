@@ -1,0 +1,724 @@
+"""Video inputs: which frames to read, decoded as a stream, and the clips SlowFast reads.
+
+Torch-free (numpy, Pillow, PyAV and decord only).
+
+Opening (:func:`open_video`)
+  Every file is first opened by PyAV, which reads only the container header: that names the
+  streams (an audio-only file, a still image or a text file is refused here with a one-line
+  reason) and the duration the stream declares. Frames then come from decord, the fast path, when
+  it is installed and reads the file; otherwise, and for what decord cannot read (AV1, damaged
+  streams, containers it rejects), from PyAV. ``decoder`` on the reader names which one decoded:
+  ``decord``, ``pyav``, or ``decord+pyav`` when decord failed part-way through a file and PyAV
+  took over the remaining frames. Both apply the stream's display rotation.
+
+Frame picking (:func:`pick_frames`), by presentation timestamp, never by frame index
+  * ``fps_sub=N``: N frames per second of video. Sample times are 0, 1/N, 2/N, … seconds from the
+    first frame, up to the duration; each takes the frame being shown at that time (the last frame
+    whose timestamp is not after it), so a variable-frame-rate video is sampled evenly in time. A
+    frame is taken at most once: a 10 fps video asked for 24 frames a second gives 10.
+  * ``max_frames=M``: at most M frames, spread uniformly over the whole video. Alone, it places M
+    sample times evenly from the first frame to the start of the last one (the released GenzVQA
+    loaders' ``np.linspace`` over the frames, done in time). With ``fps_sub`` it keeps M of the
+    N-per-second samples, evenly spaced.
+  * A one-frame video gives that one frame, whatever is asked.
+  * A stream whose frames end before the duration its header declares (a file cut short) has
+    sample times with no frame to show: each counts as a lost frame.
+
+Decoding (:meth:`VideoReader.frames`) is a stream: only the chosen frames are converted to RGB and
+handed on, in chunks, in time order. decord reads them with ``get_batch`` a chunk of indices at a
+time; PyAV walks the packets, decodes what it must, keeps only the chosen frames and seeks to the
+keyframe before the next chosen frame when that skips decoding. A frame that does not decode is
+skipped and counted in ``DecodeStats.lost``; the rest of the video goes on.
+
+Clips for SlowFast (:func:`plan_clips`, :meth:`VideoReader.clips`)
+  One clip of ``clip_len`` (32) consecutive frames at the native rate starting at each whole
+  second of the video (at least one clip), as the VQA feature extractors take them (SimpleVQA's
+  per-second SlowFast chunks; GenzVQA's own extraction code was not released), at most
+  ``max_clips`` spread evenly. A clip running past the end repeats the last frame; a frame lost
+  inside a clip is replaced by the nearest earlier decoded frame. Each frame is resized so its short
+  side is ``size`` (bilinear), centre-cropped to ``size`` x ``size``, and normalised with the
+  Kinetics mean and std; a clip is float32 (3, T, size, size).
+
+Errors: missing, directory, empty, unreadable or non-video files, files without a video stream,
+still images, and streams with no decodable frame raise ``InputError(path, reason)`` with a short
+one-line reason.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from diqa_cli.errors import InputError, UsageError
+
+__all__ = [
+    "DECODERS",
+    "KINETICS_MEAN",
+    "KINETICS_STD",
+    "VIDEO_EXTENSIONS",
+    "DecodeStats",
+    "FrameBatch",
+    "FramePlan",
+    "VideoFrames",
+    "VideoReader",
+    "open_video",
+    "pick_frames",
+    "plan_clips",
+    "read_frames",
+    "resize_frame",
+]
+
+DECODERS = ("auto", "decord", "pyav")
+
+# Extensions listed when a directory or pattern is walked for videos.
+VIDEO_EXTENSIONS = frozenset(
+    {
+        ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".wmv", ".flv", ".mpg", ".mpeg", ".ts",
+        ".m2ts", ".mts", ".3gp", ".ogv", ".y4m",
+    }
+)
+
+# SlowFast's Kinetics training normalisation (pytorchvideo's model-zoo transforms).
+KINETICS_MEAN = (0.45, 0.45, 0.45)
+KINETICS_STD = (0.225, 0.225, 0.225)
+
+# ffmpeg demuxers that open a file that is not a video: still images (image2 and the
+# ``*_pipe`` image demuxers) and ANSI art, which ffmpeg's tty demuxer reads from text files.
+_NOT_VIDEO_FORMATS = ("image2", "tty")
+
+# Seconds of float noise ignored when matching sample times to frame timestamps (0.1 ms: far
+# below any frame interval).
+_TIME_TOLERANCE = 1e-4
+
+
+# --------------------------------------------------------------------------- frame picking
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """Which frames to read: ``indices`` into the reader's timeline (sorted, unique) and
+    ``unreachable``, the sample times that fall after the last frame of a stream cut short."""
+
+    indices: np.ndarray
+    unreachable: int = 0
+
+    @property
+    def sampled(self) -> int:
+        return len(self.indices) + self.unreachable
+
+
+def pick_frames(
+    timestamps: Sequence[float],
+    *,
+    duration: float,
+    available: float | None = None,
+    fps_sub: float | None = None,
+    max_frames: int | None = None,
+) -> FramePlan:
+    """Choose frames by time (see the module docstring).
+
+    ``timestamps``: start time of every frame in seconds, ascending, the first at 0.
+    ``duration``: the video's duration. ``available``: for a stream cut short, the time its last
+    frame stops showing; sample times from then on have no frame (``FramePlan.unreachable``).
+    """
+    times = np.asarray(timestamps, dtype=np.float64)
+    if times.ndim != 1 or len(times) == 0:
+        raise ValueError("pick_frames needs at least one frame timestamp")
+    if fps_sub is None and max_frames is None:
+        raise UsageError("choose frames with fps_sub (frames per second) and/or max_frames (a count)")
+    if fps_sub is not None and not (math.isfinite(fps_sub) and fps_sub > 0):
+        raise UsageError(f"--fps-sub must be a positive number of frames per second, got {fps_sub}")
+    if max_frames is not None and max_frames < 1:
+        raise UsageError(f"--max-frames must be at least 1, got {max_frames}")
+    duration = max(float(duration), float(times[-1]))
+    if fps_sub is not None:
+        # The tolerance keeps 3.0 s at 4 fps at 12 samples despite float rounding.
+        count = max(1, math.ceil(duration * fps_sub - 1e-6))
+        targets = np.arange(count, dtype=np.float64) / fps_sub
+        if max_frames is not None and count > max_frames:
+            targets = targets[np.round(np.linspace(0, count - 1, max_frames)).astype(int)]
+    else:
+        # Evenly from the first frame to the start of the last frame the stream declares.
+        missing = duration - available if available is not None else 0.0
+        targets = np.linspace(0.0, float(times[-1]) + max(0.0, missing), max_frames)
+    reachable = targets < available if available is not None else np.ones(len(targets), dtype=bool)
+    # Decoders give timestamps with float noise (decord: 0.10000000149 for 0.1 s); a frame that
+    # starts within _TIME_TOLERANCE after a sample time is the one shown at it.
+    chosen = np.searchsorted(times, targets[reachable] + _TIME_TOLERANCE, side="right") - 1
+    return FramePlan(indices=np.unique(np.clip(chosen, 0, len(times) - 1)), unreachable=int((~reachable).sum()))
+
+
+def plan_clips(
+    timestamps: Sequence[float], *, end: float, clip_len: int = 32, max_clips: int = 16
+) -> list[np.ndarray]:
+    """Frame indices of the SlowFast clips: one clip of ``clip_len`` consecutive frames from each
+    whole second of the video (at least one), at most ``max_clips`` spread evenly; indices past
+    the last frame repeat it."""
+    times = np.asarray(timestamps, dtype=np.float64)
+    if clip_len < 1 or max_clips < 1:
+        raise UsageError(f"clips need clip_len and max_clips of at least 1 (got {clip_len}, {max_clips})")
+    seconds = max(1, math.floor(max(float(end), float(times[-1])) + 1e-6))
+    starts = np.searchsorted(times, np.arange(seconds, dtype=np.float64) + _TIME_TOLERANCE, side="right") - 1
+    if len(starts) > max_clips:
+        starts = starts[np.round(np.linspace(0, len(starts) - 1, max_clips)).astype(int)]
+    last = len(times) - 1
+    return [np.minimum(np.arange(start, start + clip_len), last) for start in np.clip(starts, 0, last)]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class DecodeStats:
+    """What one read asked for and what came back (``lost`` = requested frames that did not decode)."""
+
+    requested: int = 0
+    decoded: int = 0
+
+    @property
+    def lost(self) -> int:
+        return self.requested - self.decoded
+
+
+@dataclass(frozen=True)
+class FrameBatch:
+    """Decoded frames in time order: uint8 RGB arrays (H, W, 3) with their indices and times."""
+
+    indices: np.ndarray
+    timestamps: np.ndarray
+    frames: list[np.ndarray]
+
+
+@dataclass
+class VideoFrames:
+    """The chosen frames of one video, with what a row reports about it.
+
+    ``frames``: uint8 (F, H, W, 3), or float32 (F, 3, R, R) in [0, 1] when read at a resolution.
+    ``frames_sampled`` = frames decoded (``len(frames)``) + ``frames_lost``.
+    """
+
+    path: str
+    frames: np.ndarray
+    timestamps: np.ndarray  # seconds from the first frame of the video
+    indices: np.ndarray
+    fps: float  # average frame rate (frames over their span)
+    duration: float  # seconds
+    decoder: str
+    frames_lost: int
+    frames_sampled: int
+    details: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+def _ffmpeg_reason(exc: BaseException) -> str:
+    """ffmpeg's message without the errno and the repeated file name."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
+
+
+def _frame_rgb(frame) -> np.ndarray:
+    """One PyAV frame as upright uint8 RGB (H, W, 3): the display rotation applied, as decord and
+    the ffmpeg command line (which the released loaders call through scikit-video) apply it."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = (int(getattr(frame, "rotation", 0) or 0) // 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+class _PyAVStream:
+    """A video stream read with PyAV: its frame timeline from one demux pass (no decoding), then
+    chosen frames decoded on request."""
+
+    name = "pyav"
+
+    def __init__(self, path: str, header):
+        self.path = path
+        self.stream_index = header.stream_index
+        self.time_base = header.time_base
+        self._container = None
+        entries = []  # (timestamp, keyframe, duration) per packet, in decode order
+        container, stream = self._open()
+        import av
+
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.error.FFmpegError:  # damaged beyond this point: the timeline ends here
+                break
+            if packet.size == 0:  # the flush packet at the end of the stream
+                continue
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            entries.append((stamp, bool(packet.is_keyframe), int(packet.duration or 0)))
+        if not entries:
+            raise InputError(path, "the video stream holds no frames")
+        self.has_pts = all(stamp is not None for stamp, _, _ in entries)
+        if self.has_pts:
+            order = sorted(range(len(entries)), key=lambda i: entries[i][0])
+            self.pts = np.array([entries[i][0] for i in order], dtype=np.int64)
+            keep = np.concatenate([[True], np.diff(self.pts) > 0])  # a repeated stamp is one frame
+            self.pts = self.pts[keep]
+            keys = [entries[i][0] for i in order if entries[i][1]]
+            self.keyframes = np.array(sorted(set(keys)), dtype=np.int64)
+            last = entries[order[-1]][2]
+            self.timestamps = (self.pts - self.pts[0]).astype(np.float64) * float(self.time_base)
+            spacing = float(np.median(np.diff(self.timestamps))) if len(self.pts) > 1 else 0.0
+            last_duration = last * float(self.time_base) if last > 0 else spacing or header.frame_interval
+        else:
+            # No timestamps in the container (raw elementary streams): frames in output order at
+            # the nominal rate, and no seeking (nothing to seek by).
+            self.pts = np.arange(len(entries), dtype=np.int64)
+            self.keyframes = np.zeros(1, dtype=np.int64)
+            self.timestamps = self.pts.astype(np.float64) * header.frame_interval
+            last_duration = header.frame_interval
+        self.end = float(self.timestamps[-1] + last_duration)
+
+    def _open(self):
+        import av
+
+        if self._container is not None:
+            self._container.close()
+        self._container = av.open(self.path, metadata_errors="ignore")
+        stream = self._container.streams[self.stream_index]
+        stream.thread_type = "AUTO"
+        return self._container, stream
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def _decoded(self, seek_pts: int | None) -> Iterator:
+        """Frames from the start (a fresh open) or from the keyframe at or before ``seek_pts``."""
+        import av
+
+        if seek_pts is None or self._container is None:
+            container, stream = self._open()
+        else:
+            container, stream = self._container, self._container.streams[self.stream_index]
+        if seek_pts is not None:
+            container.seek(int(seek_pts), stream=stream, backward=True, any_frame=False)
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                return
+            except av.error.FFmpegError:
+                return
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:  # a damaged packet: its frame is lost, the next may decode
+                continue
+            yield from frames
+
+    def decode(self, indices: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(index, rgb) for each of ``indices`` (sorted) that decodes, in order."""
+        wanted = self.pts[indices]
+        pos, count = 0, len(indices)
+        seekable = self.has_pts
+        frames, check = self._decoded(None), None
+        while pos < count:
+            jump = None
+            for output, frame in enumerate(frames):
+                stamp = frame.pts if self.has_pts else output
+                if stamp is None:
+                    continue
+                if check is not None:
+                    landed_late, check = stamp > check, None
+                    if landed_late:  # the seek overshot: read this file from the start instead
+                        seekable, jump = False, -1
+                        break
+                while pos < count and wanted[pos] < stamp:  # passed without decoding: lost
+                    pos += 1
+                if pos < count and wanted[pos] == stamp:
+                    yield int(indices[pos]), _frame_rgb(frame)
+                    pos += 1
+                if pos >= count:
+                    return
+                if seekable:
+                    key = self.keyframes[max(0, np.searchsorted(self.keyframes, wanted[pos], side="right") - 1)]
+                    if key > stamp:  # the next chosen frame starts a later group: skip to it
+                        jump = int(key)
+                        break
+            else:
+                return  # the stream ended; the rest did not decode
+            if jump == -1:
+                frames = self._decoded(None)
+            else:
+                frames, check = self._decoded(jump), int(wanted[pos])
+
+
+class _DecordStream:
+    """A video read with decord: its own frame index and random access with ``get_batch``."""
+
+    name = "decord"
+
+    def __init__(self, path: str):
+        import decord
+
+        decord.logging.set_level(decord.logging.QUIET)
+        self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=0)
+        count = len(self.reader)
+        if count == 0:
+            raise RuntimeError("decord found no frames")
+        spans = np.asarray(self.reader.get_frame_timestamp(np.arange(count)), dtype=np.float64)
+        self.timestamps = spans[:, 0] - spans[0, 0]
+        self.end = float(max(spans[-1, 1], spans[-1, 0]) - spans[0, 0])
+
+    def get_batch(self, indices: Sequence[int]) -> np.ndarray:
+        return self.reader.get_batch([int(i) for i in indices]).asnumpy()
+
+    def close(self) -> None:
+        self.reader = None
+
+
+@dataclass(frozen=True)
+class _Header:
+    stream_index: int
+    time_base: object
+    declared_duration: float | None
+    frame_interval: float  # 1 / the stream's nominal rate (0 when unknown)
+    codec: str
+    width: int
+    height: int
+
+
+def _read_header(path: str) -> _Header:
+    """Open with PyAV (header only) and find the video stream, or explain why there is none."""
+    import av
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(path, "is a directory, not a video")
+    if st.st_size == 0:
+        raise InputError(path, "empty file (0 bytes)")
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except av.error.FFmpegError as exc:
+        raise InputError(path, f"not a readable video: truncated, damaged or not a video file ({_ffmpeg_reason(exc)})") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
+    with container:
+        fmt = container.format.name
+        if fmt in _NOT_VIDEO_FORMATS or fmt.endswith("_pipe"):
+            kind = "text" if fmt == "tty" else "a still image"
+            raise InputError(path, f"{kind} ({fmt}), not a video; images are scored with `diqa score`")
+        attached = av.stream.Disposition.attached_pic
+        videos = [s for s in container.streams.video if not (s.disposition & attached)]
+        if not videos:
+            kinds = sorted({s.type for s in container.streams} - {"video"})
+            cover = " and cover art" if container.streams.video else ""
+            found = f" (only {', '.join(kinds)}{cover})" if kinds else ""
+            raise InputError(path, f"no video stream{found}")
+        stream = videos[0]
+        declared = None
+        if stream.duration is not None and stream.time_base:
+            declared = float(stream.duration * stream.time_base)
+        elif container.duration is not None and len(container.streams) == 1:
+            declared = container.duration / 1_000_000  # av.time_base: microseconds
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        return _Header(
+            stream_index=stream.index,
+            time_base=stream.time_base,
+            declared_duration=declared,
+            frame_interval=1.0 / float(rate) if rate else 0.0,
+            codec=stream.codec_context.name,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+        )
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+class VideoReader:
+    """One open video: its frame timeline read up front, frames decoded on request.
+
+    Attributes: ``path``, ``timestamps`` (seconds from the first frame, ascending), ``end`` (when
+    the last frame stops showing), ``duration`` (the longer of ``end`` and the declared duration),
+    ``fps`` (frames over their span), ``codec``, ``decoder`` (see the module docstring) and
+    ``fallback`` (why PyAV decoded instead of decord, or None). Use as a context manager.
+    """
+
+    def __init__(self, path: str, *, decoder: str = "auto"):
+        if decoder not in DECODERS:
+            raise UsageError(f"--decoder {decoder!r} is not one of {', '.join(DECODERS)}")
+        self.path = str(path)
+        self._header = _read_header(self.path)
+        self.codec = self._header.codec
+        self.fallback: str | None = None
+        self._used: list[str] = []
+        self._source: _DecordStream | _PyAVStream
+        if decoder in ("auto", "decord"):
+            try:
+                self._source = _DecordStream(self.path)
+            except ImportError:
+                if decoder == "decord":
+                    raise UsageError("--decoder decord: decord is not installed on this platform; use --decoder pyav") from None
+                self.fallback = "decord is not installed"
+                self._source = _PyAVStream(self.path, self._header)
+            except Exception as exc:  # noqa: BLE001 - decord raises its own error types and RuntimeError
+                if decoder == "decord":
+                    raise InputError(self.path, f"decord cannot read it ({_ffmpeg_reason(exc)[:160]})") from None
+                self.fallback = f"decord cannot read it ({_short_decord_reason(exc)})"
+                self._source = _PyAVStream(self.path, self._header)
+        else:
+            self._source = _PyAVStream(self.path, self._header)
+        self.timestamps = self._source.timestamps
+        self.end = self._source.end
+        declared = self._header.declared_duration
+        # The header's duration is the video's unless the frames clearly outlast it; only a clearly
+        # longer one means frames are missing (decoders and headers round the last frame a little).
+        slack = max(self._header.frame_interval, 0.05)
+        self.duration = declared if declared is not None and declared >= self.end - slack else self.end
+        self.cut_short = self.duration > self.end + slack
+        self.fps = len(self.timestamps) / self.end if self.end > 0 else 0.0
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.timestamps)
+
+    @property
+    def decoder(self) -> str:
+        """Which decoder produced frames so far (the one open when nothing was read yet)."""
+        return "+".join(self._used) if self._used else self._source.name
+
+    def plan(self, *, fps_sub: float | None = None, max_frames: int | None = None) -> FramePlan:
+        return pick_frames(
+            self.timestamps,
+            duration=self.duration,
+            available=self.end if self.cut_short else None,
+            fps_sub=fps_sub,
+            max_frames=max_frames,
+        )
+
+    def clip_plan(self, *, clip_len: int = 32, max_clips: int = 16) -> list[np.ndarray]:
+        return plan_clips(self.timestamps, end=self.end, clip_len=clip_len, max_clips=max_clips)
+
+    # --- decoding ------------------------------------------------------------------------------
+    def _mark(self, name: str) -> None:
+        if name not in self._used:
+            self._used.append(name)
+
+    def _switch_to_pyav(self, reason: str, pending: np.ndarray) -> np.ndarray:
+        """decord failed part-way: PyAV takes over; decord's frame indices are mapped to PyAV's by
+        timestamp (within half a frame), and those with no match stay unread (lost)."""
+        self.fallback = f"decord failed part-way ({reason})"
+        old = self.timestamps
+        self._source.close()
+        self._source = _PyAVStream(self.path, self._header)
+        new = self._source.timestamps
+        spacing = float(np.median(np.diff(new))) if len(new) > 1 else max(self.end, 1e-3)
+        nearest = np.clip(np.searchsorted(new, old[pending]), 0, len(new) - 1)
+        earlier = np.clip(nearest - 1, 0, len(new) - 1)
+        better = np.abs(new[earlier] - old[pending]) < np.abs(new[nearest] - old[pending])
+        nearest = np.where(better, earlier, nearest)
+        close = np.abs(new[nearest] - old[pending]) <= spacing / 2
+        # From here on the reader's timeline is PyAV's.
+        self.timestamps, self.end = new, self._source.end
+        return np.unique(nearest[close])
+
+    def frames(self, indices, *, batch: int = 8, stats: DecodeStats | None = None) -> Iterator[FrameBatch]:
+        """Decode ``indices`` (frame indices of this reader's timeline) in chunks of ``batch``, in
+        time order; frames that do not decode are skipped and counted in ``stats``."""
+        indices = np.unique(np.asarray(indices, dtype=np.int64))
+        stats = stats if stats is not None else DecodeStats()
+        stats.requested += len(indices)
+        if batch < 1:
+            raise UsageError(f"batch must be at least 1, got {batch}")
+        pending = indices
+        if isinstance(self._source, _DecordStream):
+            while len(pending):
+                chunk = pending[:batch]
+                try:
+                    arrays = self._source.get_batch(chunk)
+                except Exception as exc:  # noqa: BLE001 - damaged data surfaces as decord errors
+                    pending = self._switch_to_pyav(_short_decord_reason(exc), pending)
+                    break
+                self._mark("decord")
+                stats.decoded += len(chunk)
+                yield FrameBatch(chunk, self.timestamps[chunk], list(arrays))
+                pending = pending[batch:]
+            else:
+                return
+        group: list[tuple[int, np.ndarray]] = []
+        for index, rgb in self._source.decode(pending):
+            self._mark("pyav")
+            group.append((index, rgb))
+            if len(group) == batch:
+                stats.decoded += len(group)
+                yield self._batch(group)
+                group = []
+        if group:
+            stats.decoded += len(group)
+            yield self._batch(group)
+
+    def _batch(self, group: list[tuple[int, np.ndarray]]) -> FrameBatch:
+        index = np.array([i for i, _ in group], dtype=np.int64)
+        return FrameBatch(index, self.timestamps[index], [rgb for _, rgb in group])
+
+    def clips(
+        self,
+        plan: list[np.ndarray],
+        *,
+        size: int = 224,
+        mean: Sequence[float] = KINETICS_MEAN,
+        std: Sequence[float] = KINETICS_STD,
+        stats: DecodeStats | None = None,
+    ) -> Iterator[np.ndarray]:
+        """The clips of ``plan`` (from :meth:`clip_plan`) as float32 (3, T, size, size), decoded
+        once each frame however many clips share it; a clip with no decodable frame is skipped."""
+        if not plan:
+            return
+        needed = np.unique(np.concatenate(plan))
+        mean_arr = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1, 1)
+        std_arr = np.asarray(std, dtype=np.float32).reshape(3, 1, 1, 1)
+        # Frames are matched by time, not index: should decord fail part-way, PyAV's frames (with
+        # its own indices) still land in the right clips.
+        spacing = float(np.median(np.diff(self.timestamps))) if len(self.timestamps) > 1 else 1.0
+        tolerance = max(spacing / 2, 1e-4)
+        todo = [self.timestamps[clip] for clip in plan]
+        times: list[float] = []  # sorted times of the cached frames
+        cache: dict[float, np.ndarray] = {}
+
+        def lookup(t: float) -> np.ndarray | None:
+            at = bisect.bisect_left(times, t - tolerance)
+            return cache[times[at]] if at < len(times) and times[at] <= t + tolerance else None
+
+        def finish(clip_times: np.ndarray) -> np.ndarray | None:
+            found = [lookup(float(t)) for t in clip_times]
+            if all(frame is None for frame in found):
+                return None
+            # A lost frame repeats the nearest earlier decoded one (the first decoded, at the start).
+            last = next(frame for frame in found if frame is not None)
+            frames = []
+            for frame in found:
+                last = frame if frame is not None else last
+                frames.append(last)
+            clip = np.stack(frames).astype(np.float32).transpose(3, 0, 1, 2) / 255.0  # (3, T, S, S)
+            return (clip - mean_arr) / std_arr
+
+        def evict() -> None:
+            first = float(todo[0].min()) - tolerance if todo else math.inf
+            while times and times[0] < first:
+                del cache[times.pop(0)]
+
+        # One clip's worth of frames per decode chunk keeps memory bounded.
+        for frames in self.frames(needed, batch=max(len(c) for c in plan), stats=stats):
+            for t, rgb in zip(frames.timestamps.tolist(), frames.frames):
+                bisect.insort(times, t)
+                cache[t] = _square_crop(rgb, size)
+            seen = float(frames.timestamps[-1]) + tolerance
+            while todo and float(todo[0].max()) <= seen:
+                clip = finish(todo.pop(0))
+                evict()
+                if clip is not None:
+                    yield clip
+        while todo:  # the stream ended early: what decoded of the remaining clips
+            clip = finish(todo.pop(0))
+            if clip is not None:
+                yield clip
+
+    def close(self) -> None:
+        self._source.close()
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _short_decord_reason(exc: BaseException) -> str:
+    """decord's errors carry a source location and a C++ backtrace; keep the message only."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    for marker in ("ERROR ", "Error: ", "Check failed: "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+            break
+    return text[:160]
+
+
+def _square_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Short side to ``size`` (bilinear), then the centre ``size`` x ``size`` square (uint8)."""
+    height, width = rgb.shape[:2]
+    scale = size / min(height, width)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def resize_frame(rgb: np.ndarray, resolution: int, *, resample: str = "bicubic") -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> float32 (3, R, R) in [0, 1], aspect ratio ignored, as the image
+    methods' released transforms (Pillow on the 8-bit frame, as torchvision's ``Resize`` on a
+    PIL image does)."""
+    from diqa_cli.imageio import RESAMPLE_FILTERS
+
+    try:
+        method = RESAMPLE_FILTERS[resample]
+    except KeyError:
+        raise UsageError(f"unknown resample filter {resample!r}; choose one of {', '.join(RESAMPLE_FILTERS)}") from None
+    image = Image.fromarray(rgb).resize((resolution, resolution), method)
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+def open_video(path: str, *, decoder: str = "auto") -> VideoReader:
+    """Open ``path`` for reading (see :class:`VideoReader`); raises ``InputError`` for a bad input."""
+    return VideoReader(path, decoder=decoder)
+
+
+def read_frames(
+    path: str,
+    *,
+    fps_sub: float | None = None,
+    max_frames: int | None = None,
+    resolution: int | None = None,
+    resample: str = "bicubic",
+    decoder: str = "auto",
+    batch: int = 8,
+) -> VideoFrames:
+    """The chosen frames of one video in memory (only those; the video is streamed): uint8
+    (F, H, W, 3), or float32 (F, 3, R, R) in [0, 1] resized to ``resolution``. Raises
+    ``InputError`` when no chosen frame decodes."""
+    with open_video(path, decoder=decoder) as reader:
+        plan = reader.plan(fps_sub=fps_sub, max_frames=max_frames)
+        stats = DecodeStats()
+        frames, times, indices = [], [], []
+        for chunk in reader.frames(plan.indices, batch=batch, stats=stats):
+            for rgb in chunk.frames:
+                frames.append(rgb if resolution is None else resize_frame(rgb, resolution, resample=resample))
+            times.extend(chunk.timestamps.tolist())
+            indices.extend(chunk.indices.tolist())
+        if not frames:
+            raise InputError(path, f"none of the {plan.sampled} chosen frames could be decoded")
+        if len({f.shape for f in frames}) > 1:
+            raise InputError(path, "the frame size changes within the stream; read it at a fixed resolution")
+        return VideoFrames(
+            path=str(path),
+            frames=np.stack(frames),
+            timestamps=np.asarray(times),
+            indices=np.asarray(indices, dtype=np.int64),
+            fps=reader.fps,
+            duration=reader.duration,
+            decoder=reader.decoder,
+            frames_lost=stats.lost + plan.unreachable,
+            frames_sampled=plan.sampled,
+            details={"codec": reader.codec, "frame_count": reader.frame_count, "fallback": reader.fallback},
+        )
