@@ -100,7 +100,7 @@ def save_head(model, path: str | os.PathLike, *, normalisation: dict, extra: dic
         "format": SIDECAR_FORMAT,
         "method": model.method_name,
         "config": model.config,
-        "backbone": {"ref": _portable_ref(model.backbone.ref), "identity": model.backbone.identity},
+        "backbone": _backbone_record(model.backbone),
         "resolution": model.resolution,
         "timesteps": list(spec.timesteps),
         "feature_layers": list(model.feature_layers()),
@@ -117,6 +117,14 @@ def save_head(model, path: str | os.PathLike, *, normalisation: dict, extra: dic
     _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
+
+
+def _backbone_record(backbone) -> dict[str, Any]:
+    """Ref and weight identity of the backbone a head was trained on; both None for methods that
+    run without a diffusion backbone (the DP-IQA student)."""
+    if backbone is None:
+        return {"ref": None, "identity": None}
+    return {"ref": _portable_ref(backbone.ref), "identity": backbone.identity}
 
 
 def _portable_ref(ref: str) -> str:
@@ -194,13 +202,14 @@ def load_head(
     except UsageError as exc:
         raise WeightsError(f"{path}: written for a method this diqa does not have: {exc}") from exc
 
-    if backbone is None:
+    needs_backbone = spec.extra.get("needs_backbone", True)
+    if backbone is None and needs_backbone:
         from diqa_cli.backbone import load_backbone
 
         ref = backbone_ref or sidecar["backbone"]["ref"]
         backbone = load_backbone(ref, device=device, dtype=dtype, offline=offline)
     trained_on = sidecar["backbone"].get("identity")
-    if trained_on and backbone.identity != trained_on:
+    if backbone is not None and trained_on and backbone.identity != trained_on:
         print(
             f"diqa: warning: {path.name} was trained on backbone {sidecar['backbone']['ref']!r} "
             f"(identity {trained_on[:12]}), but {backbone.ref!r} has identity {backbone.identity[:12]}; "
@@ -212,7 +221,13 @@ def load_head(
     model = load_model_class(spec)(backbone, **config)
     state = _read_safetensors(path)
     model.load_checkpoint_state_dict(state)
-    model.to(backbone.device)
+    if backbone is not None:
+        model.to(backbone.device)
+    else:  # a backbone-free model (the DP-IQA student) takes --device/--dtype itself
+        from diqa_cli.backbone import resolve_device, resolve_dtype
+
+        target = resolve_device(device)
+        model.to(target, resolve_dtype(dtype, target))
     model.eval()
     return model, sidecar
 

@@ -29,8 +29,14 @@ def subdir(name: str) -> Path:
 
 
 def offline_requested(flag: bool = False) -> bool:
-    """``--offline`` or the Hugging Face environment switches both mean: never touch the network."""
+    """``--offline`` or the Hugging Face environment switches both mean: never touch the network.
+
+    A command's ``--offline`` flag switches offline mode on for the rest of the process
+    (``DIQA_OFFLINE=1``), so weights resolved lazily deep inside a model (prompt encoders,
+    perceptual networks, SlowFast) obey it as well as those the command resolves itself.
+    """
     if flag:
+        os.environ["DIQA_OFFLINE"] = "1"
         return True
     return any(
         os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -59,8 +59,8 @@ def score_images(
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     offset, scale = float(normalisation["offset"]), float(normalisation["scale"])
-    device, dtype = model.backbone.device, model.backbone.dtype
-    context = {"method": model.method_name, "backbone": str(model.backbone.ref)}
+    device, dtype = model.device, model.dtype
+    context = {"method": model.method_name, "backbone": str(model.backbone.ref) if model.backbone is not None else None}
     model.eval()
 
     def forward(arrays: list) -> list[float]:
@@ -182,7 +182,7 @@ def load_scorer(
                 f"--method {spec.name!r} does not match checkpoint {checkpoint!r}, a {trained.name!r} head; "
                 f"drop --method or pass a {spec.name} checkpoint"
             )
-    overrides = {"seed": seed} if seed is not None else None
+    overrides = {"seed": seed} if seed is not None and _draws_noise(spec or get_method(_sidecar_method(checkpoint, sidecar))) else None
     return load_head(
         checkpoint,
         device=device,
@@ -192,3 +192,19 @@ def load_scorer(
         config_overrides=overrides,
         sidecar=sidecar,
     )
+
+
+def _sidecar_method(checkpoint: str, sidecar: dict | None) -> str:
+    from diqa_cli.checkpoint import read_sidecar
+
+    return (sidecar or read_sidecar(checkpoint))["method"]
+
+
+def _draws_noise(spec) -> bool:
+    """Whether ``--seed`` means anything for a method: only models that take a ``seed`` in their
+    config draw noise (DP-IQA runs at t=1 without noise, so a seed is ignored there)."""
+    import inspect
+
+    from diqa_cli.methods import load_model_class
+
+    return "seed" in inspect.signature(load_model_class(spec).__init__).parameters

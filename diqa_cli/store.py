@@ -214,13 +214,13 @@ def settings_for(model, sidecar: dict, checkpoint: str | os.PathLike) -> ScoreSe
     return ScoreSettings(
         method=model.method_name,
         checkpoint_sha256=file_sha256(checkpoint),
-        backbone_identity=str(model.backbone.identity),
+        backbone_identity=str(model.backbone.identity) if model.backbone is not None else "",
         seed=int(config.get("seed", sidecar.get("seed", 0))),
         resolution=int(model.resolution),
-        dtype=_DTYPE_NAMES.get(str(model.backbone.dtype), str(model.backbone.dtype)),
+        dtype=_DTYPE_NAMES.get(str(model.dtype), str(model.dtype)),
         diqa_version=diqa_cli.__version__,
         head={"score_normalisation": sidecar["score_normalisation"], "config": config},
-        backbone_ref=str(model.backbone.ref),
+        backbone_ref=str(model.backbone.ref) if model.backbone is not None else "",
     )
 
 
@@ -552,7 +552,8 @@ class ReuseRun:
         """A reused result found under another path (a moved or copied file), or under this path
         with another size or mtime, is recorded for this path as it is now."""
         stored, fp = entry.stored, entry.fp
-        if stored["path"] == os.fsdecode(_path_value(entry.row["path"])) and (stored["size"], stored["mtime"]) == (fp.size, fp.mtime):
+        same_path = stored["path"] == os.fsdecode(_path_value(entry.row["path"]))
+        if same_path and (stored["size"], stored["mtime"]) == (fp.size, fp.mtime):
             return
         self.store.record(entry.row, fp, settings, scored_at=stored["scored_at"])
 

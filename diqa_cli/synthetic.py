@@ -68,14 +68,18 @@ def make_synthetic_set(
     sources: tuple[str, ...] | list[str] = DEFAULT_SOURCES,
     distortions: tuple[str, ...] | list[str] = tuple(DISTORTIONS),
     levels: int = MAX_LEVEL,
+    crops_per_source: int = 1,
     test_fraction: float = 0.25,
     seed: int = 0,
 ) -> Path:
     """Write the images and ``labels.csv`` (columns ``path,mos,split,source,distortion,level``).
 
     ``levels`` picks that many strengths spread evenly over 1..5 (5: all of them; 3: levels 1, 3, 5),
-    so a level number always means the same strength. Paths in the CSV are relative to its folder.
-    Noise and the split are drawn from ``seed``; the same arguments give the same files.
+    so a level number always means the same strength. ``crops_per_source`` > 1 adds square crops
+    of 50-90 % of the photo's short side at seeded positions (the first is always the centred
+    full-height crop): more varied content per photo, while the split stays by photo.
+    Paths in the CSV are relative to its folder. Crops, noise and the split are drawn from
+    ``seed``; the same arguments give the same files.
     """
     sources = list(dict.fromkeys(sources))
     distortions = list(dict.fromkeys(distortions))
@@ -89,6 +93,8 @@ def make_synthetic_set(
         raise UsageError("a synthetic set needs at least 2 source photos (one to train on, one to test)")
     if not 1 <= levels <= MAX_LEVEL:
         raise UsageError(f"levels must be between 1 and {MAX_LEVEL}, got {levels}")
+    if crops_per_source < 1:
+        raise UsageError(f"crops_per_source must be at least 1, got {crops_per_source}")
     if size < 16:
         raise UsageError(f"synthetic image size must be at least 16 px, got {size}")
 
@@ -103,23 +109,27 @@ def make_synthetic_set(
     rows = []
     for source_index, source in enumerate(sources):
         split = "test" if source in test_sources else "train"
-        reference = _load_source(source, size)
+        photo = _load_source(source)
         folder = out_dir / source
         folder.mkdir(exist_ok=True)
-        rel = f"{source}/{source}_reference.png"
-        _save(reference, out_dir / rel)
-        rows.append((rel, synthetic_mos(0), split, source, "none", 0))
-        for distortion_index, distortion in enumerate(distortions):
-            for level in level_list:
-                rng = np.random.default_rng([seed, source_index, distortion_index, level])
-                strength = DISTORTIONS[distortion][level - 1]
-                ext = "jpg" if distortion == "jpeg" else "png"
-                rel = f"{source}/{source}_{distortion}_{level}.{ext}"
-                if distortion == "jpeg":
-                    _save(reference, out_dir / rel, jpeg_quality=int(strength))
-                else:
-                    _save(_distort(reference, distortion, strength, size, rng), out_dir / rel)
-                rows.append((rel, synthetic_mos(level), split, source, distortion, level))
+        crop_rng = np.random.default_rng([seed, source_index])
+        for crop in range(crops_per_source):
+            reference = _square(photo, size, None if crop == 0 else crop_rng)
+            stem = source if crops_per_source == 1 else f"{source}_c{crop}"
+            rel = f"{source}/{stem}_reference.png"
+            _save(reference, out_dir / rel)
+            rows.append((rel, synthetic_mos(0), split, source, "none", 0))
+            for distortion_index, distortion in enumerate(distortions):
+                for level in level_list:
+                    rng = np.random.default_rng([seed, source_index, crop, distortion_index, level])
+                    strength = DISTORTIONS[distortion][level - 1]
+                    ext = "jpg" if distortion == "jpeg" else "png"
+                    rel = f"{source}/{stem}_{distortion}_{level}.{ext}"
+                    if distortion == "jpeg":
+                        _save(reference, out_dir / rel, jpeg_quality=int(strength))
+                    else:
+                        _save(_distort(reference, distortion, strength, size, rng), out_dir / rel)
+                    rows.append((rel, synthetic_mos(level), split, source, distortion, level))
 
     labels = out_dir / "labels.csv"
     with labels.open("w", newline="") as fh:
@@ -131,26 +141,37 @@ def make_synthetic_set(
         "SYNTHETIC distortion set made by diqa from scikit-image's bundled photos.\n"
         "mos = 1 - level/6 is a synthetic label (distortion strength), not a human opinion score.\n"
         f"sources: {', '.join(sources)}; test sources: {', '.join(sorted(test_sources))}; "
-        f"distortions: {', '.join(distortions)}; levels: {level_list}; size: {size}px; seed: {seed}\n"
+        f"distortions: {', '.join(distortions)}; levels: {level_list}; crops per photo: {crops_per_source}; "
+        f"size: {size}px; seed: {seed}\n"
     )
     return labels
 
 
-def _load_source(name: str, size: int) -> np.ndarray:
-    """A bundled photo as a square float RGB image in [0, 1] of side ``size``."""
+def _load_source(name: str) -> np.ndarray:
+    """A bundled photo as uint8 RGB (grayscale and binary photos made RGB)."""
     import skimage.data
-    from PIL import Image
 
     image = np.asarray(getattr(skimage.data, name)())
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
     if image.ndim == 2:
         image = np.stack([image] * 3, axis=-1)
-    image = image[..., :3]
-    h, w = image.shape[:2]
+    return image[..., :3].astype(np.uint8)
+
+
+def _square(photo: np.ndarray, size: int, rng) -> np.ndarray:
+    """A square crop resized to ``size``, float RGB in [0, 1]: centred and full-height without
+    ``rng``, else 50-90 % of the short side at a random position."""
+    from PIL import Image
+
+    h, w = photo.shape[:2]
     side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    crop = Image.fromarray(image[top : top + side, left : left + side].astype(np.uint8))
+    if rng is None:
+        top, left = (h - side) // 2, (w - side) // 2
+    else:
+        side = int(side * rng.uniform(0.5, 0.9))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    crop = Image.fromarray(photo[top : top + side, left : left + side])
     crop = crop.resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(crop, dtype=np.float32) / 255.0
 

@@ -312,3 +312,41 @@ def test_registry_entries_name_the_manifest_weights_and_what_each_needs():
         assert "CC BY-NC-SA 4.0" in spec.licence and spec.deviations
         for name in spec.released_weights:
             assert entry(name).method == spec.name
+
+
+def test_student_head_saves_and_scores_without_any_diffusion_backbone(students, tiny_images, tmp_path, monkeypatch):
+    """A student checkpoint must score on a machine that has no Stable Diffusion weights: the
+    sidecar records no backbone and loading it never asks for one."""
+    import diqa_cli.backbone
+    from diqa_cli.checkpoint import load_head, read_sidecar, save_head
+    from diqa_cli.imageio import expand_inputs
+    from diqa_cli.scoring import score_images
+
+    path = save_head(students["a"], tmp_path / "student.safetensors", normalisation={"offset": 1.0, "scale": 4.0},
+                     extra={})
+    assert read_sidecar(path)["backbone"] == {"ref": None, "identity": None}
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("a backbone-free head loaded a diffusion backbone")
+
+    monkeypatch.setattr(diqa_cli.backbone, "load_backbone", no_backbone)
+    model, sidecar = load_head(path, device="cpu", dtype="fp32")
+    files = []
+    for i, image in enumerate(tiny_images(2)):
+        files.append(tmp_path / f"{i}.png")
+        image.save(files[-1])
+    rows = list(score_images(expand_inputs([str(f) for f in files]), model,
+                             normalisation=sidecar["score_normalisation"]))
+    with torch.no_grad():
+        expected = students["a"](torch.stack([torch.from_numpy(_model_input(f, model)) for f in files]))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["backbone"] for r in rows] == [None, None]
+    for row, raw in zip(rows, expected.tolist()):
+        assert row["raw_score"] == pytest.approx(raw, rel=1e-5, abs=1e-6)
+        assert row["score"] == pytest.approx(raw * 4.0 + 1.0, rel=1e-5, abs=1e-6)
+
+
+def _model_input(path, model):
+    from diqa_cli.imageio import load_image, resize_for_model
+
+    return resize_for_model(load_image(str(path)), model.resolution, resample=model.spec.resample)

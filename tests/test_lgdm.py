@@ -80,7 +80,9 @@ def test_same_input_same_score_and_a_batch_scores_like_its_singles(model, tiny_b
         first = model(pixels)
         second = model(pixels)
     assert torch.equal(first, second)
-    precise = LGDM(tiny_backbone64, **LGDM.tiny_config()).double()
+    # Pixel guidance only: LPIPS and DISTS are per-image by construction (test_perceptual checks
+    # their batches), and float64 VGG/AlexNet would be slow here.
+    precise = LGDM(tiny_backbone64, **{**LGDM.tiny_config(), "perceptual": None}).double()
     with torch.no_grad():
         together = precise(pixels.double())
         singles = torch.cat([precise(pixels[i : i + 1].double()) for i in range(2)])

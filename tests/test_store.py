@@ -356,7 +356,8 @@ def ranked_db(tmp_path):
             store.record(row, fingerprint(files[key]), _settings(), scored_at="2026-01-01T00:00:00+00:00")
         # x/c.jpg scored again later with another checkpoint: its latest score counts.
         row = {"path": files["x/c.jpg"], "score": 0.95, "raw_score": 0.95, "status": "ok", "error": None}
-        store.record(row, fingerprint(files["x/c.jpg"]), _settings(checkpoint_sha256="f" * 64), scored_at="2026-02-01T00:00:00+00:00")
+        later = "2026-02-01T00:00:00+00:00"
+        store.record(row, fingerprint(files["x/c.jpg"]), _settings(checkpoint_sha256="f" * 64), scored_at=later)
         row = {"path": files["x/b.jpg"], "score": 3.0, "raw_score": 3.0, "status": "ok", "error": None}
         store.record(row, fingerprint(files["x/b.jpg"]), _settings(method="genziqa"))
     os.remove(files["x/gone.jpg"])

@@ -207,6 +207,23 @@ def test_offline_never_connects_and_names_the_missing_file(home, tmp_path, monke
     assert server.requests == 0
 
 
+def test_offline_flag_also_binds_weights_resolved_later_in_the_run(home, tmp_path, monkeypatch, server):
+    """`--offline` on a command must also stop the lazy loads deep inside a model (prompt
+    encoders, perceptual networks), which call resolve() without the flag."""
+    server.files["/tiny.safetensors"] = GOOD
+    write_manifest(tmp_path, monkeypatch, {
+        "tiny": url_entry(server, [{"path": "tiny.safetensors", "format": "safetensors", "sha256": sha(GOOD)}]),
+    })
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("DIQA_OFFLINE", raising=False)
+    from diqa_cli.home import offline_requested
+
+    assert offline_requested(True)
+    with pytest.raises(WeightsError, match=r"tiny\.safetensors.*diqa weights pull tiny"):
+        weights.resolve("tiny")
+    assert server.requests == 0
+
+
 def test_pickle_is_refused_without_allow_pickle(home, tmp_path, monkeypatch, server):
     server.files["/model.pth"] = GOOD
     write_manifest(tmp_path, monkeypatch, {

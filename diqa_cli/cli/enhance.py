@@ -7,7 +7,6 @@ progress bar (only when stderr is a terminal) go to stderr; ``--report`` writes 
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -30,47 +29,71 @@ def enhance(
         ..., metavar="INPUTS", show_default=False,
         help="Images, folders, quoted glob patterns, or '-' to read paths from stdin.",
     ),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output image of a single input (format from its extension).", show_default=False),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", show_default=False,
+        help="Output image of a single input (format from its extension).",
+    ),
     out_dir: Optional[Path] = typer.Option(
-        None, "--out-dir", help="Folder for several inputs: DIR/<input name>, later duplicates of a name as <stem>-2<ext>…", show_default=False,
+        None, "--out-dir", show_default=False,
+        help="Folder for several inputs: DIR/<input name>; later inputs with the same name get <stem>-2<ext>, -3…",
     ),
     prior: Optional[str] = typer.Option(
-        None, "--prior", "-p",
-        help=f"Quality prior: a registered image method or alias (pmg/lgdm, dpiqa, genziqa…). Default: the checkpoint's method, else {_DEFAULT_PRIOR}.",
-        show_default=False,
+        None, "--prior", "-p", show_default=False,
+        help="Quality prior: a registered image method or alias (pmg/lgdm, dpiqa, genziqa…). "
+        f"Default: the checkpoint's method, else {_DEFAULT_PRIOR}.",
     ),
     checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", "-c", help="Head checkpoint of the prior (.safetensors + sidecar). Default: the method's released weights.", show_default=False,
+        None, "--checkpoint", "-c", show_default=False,
+        help="Head checkpoint of the prior (.safetensors + sidecar). Default: the method's released weights.",
     ),
     backbone: Optional[str] = typer.Option(
-        None, "--backbone", help="Backbone for the prior and the diffusion process. Default: the checkpoint's.", show_default=False,
+        None, "--backbone", show_default=False,
+        help="Backbone of the prior and of the diffusion process. Default: the checkpoint's.",
     ),
     fidelity: str = typer.Option("nlpd", "--fidelity", help="Distance to the input: nlpd | lpips | mse."),
     fidelity_weight: float = typer.Option(20.0, "--fidelity-weight", help="λ in prior(x) − λ·fidelity(x, input)."),
     iterations: int = typer.Option(50, "--iterations", help="Gradient-ascent steps at most."),
-    inversion_steps: int = typer.Option(50, "--inversion-steps", help="EDICT (DDIM) steps of the inversion and of every generation."),
+    inversion_steps: int = typer.Option(
+        50, "--inversion-steps", help="EDICT (DDIM) steps of the inversion and of every generation."
+    ),
     mix: float = typer.Option(0.93, "--mix", help="EDICT mixing weight p."),
     lr: float = typer.Option(
-        2.0, "--lr", help="Step size: each step moves the latents by lr × momentum buffer of clipped gradients (at most lr × clip per element without momentum).",
+        2.0, "--lr",
+        help="Step size: the latents move by lr × (momentum-accumulated clipped gradient), so by at most "
+        "lr × clip per element in a step without momentum.",
     ),
     momentum: float = typer.Option(0.9, "--momentum", help="Momentum of the gradient ascent."),
     clip: float = typer.Option(1e-3, "--clip", help="Per-element gradient clip."),
-    patience: int = typer.Option(10, "--patience", help="Stop after this many iterations without a better prior score; 0 never stops early."),
+    patience: int = typer.Option(
+        10, "--patience", help="Stop after this many iterations without a better prior score; 0 never stops early."
+    ),
     no_checkpointing: bool = typer.Option(
-        False, "--no-checkpointing", help="Keep every step's activations for the backward pass instead of recomputing them (faster, memory grows with the steps).",
+        False, "--no-checkpointing",
+        help="Keep every step's activations for the backward pass instead of recomputing them "
+        "(faster; memory grows with the steps).",
     ),
     output_mode: str = typer.Option(
         "residual", "--output-mode",
-        help="residual: add the enhancement to the original pixels at full size; decoded: the regenerated image resized back.",
+        help="residual: add the enhancement to the original pixels at full size; "
+        "decoded: the regenerated image resized back.",
     ),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write a JSON report (scores before/after, fidelity, iterations, times, seed, settings).", show_default=False),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (the prior's noise, if any). Default: the checkpoint's recorded seed.", show_default=False),
+    report: Optional[Path] = typer.Option(
+        None, "--report", show_default=False,
+        help="Write a JSON report (scores before/after, fidelity, iterations, times, seed, settings).",
+    ),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", show_default=False,
+        help="Seed (of the prior's noise, if it draws any). Default: the checkpoint's recorded seed.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs, the input itself included."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders of folder inputs."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Refuse images with more pixels than this (default 100 M).", show_default=False),
+    max_pixels: Optional[int] = typer.Option(
+        None, "--max-pixels", min=1, show_default=False,
+        help="Refuse images with more pixels than this (default 100 M).",
+    ),
 ) -> None:
     """Enhance images by gradient ascent on a quality prior in EDICT-inverted diffusion latents.
 
@@ -80,7 +103,7 @@ def enhance(
     2 usage error, 1 fatal (weights missing), 130 interrupted (the image in progress is written
     with the best iterate so far).
     """
-    from diqa_cli.enhance import OUTPUT_MODES, plan_outputs
+    from diqa_cli.enhance import OUTPUT_MODES, enhance_file, plan_outputs
     from diqa_cli.enhance.map import MapSettings
     from diqa_cli.home import offline_requested
     from diqa_cli.imageio import expand_inputs
@@ -123,8 +146,6 @@ def enhance(
                 if plan.error is not None:
                     entry = {"input": plan.input, "output": plan.output, "status": "error", "error": plan.error}
                 else:
-                    from diqa_cli.enhance import enhance_file
-
                     progress.start(plan.input)
                     entry = enhance_file(plan, enhancer, output_mode=output_mode, max_pixels=max_pixels, progress=progress.update)
                 entries.append(entry)
@@ -153,16 +174,23 @@ def _build(method, checkpoint, backbone, device, dtype, offline, seed, settings)
 
     model, sidecar = load_scorer(method, backbone=backbone, checkpoint=str(checkpoint) if checkpoint else None,
                                  device=device, dtype=dtype, offline=offline, seed=seed)
+    diffusion = model.backbone
+    if diffusion is None:  # a prior without a diffusion backbone (the DP-IQA student)
+        from diqa_cli.backbone import load_backbone
+
+        ref = backbone or sidecar["backbone"]["ref"] or model.spec.default_backbone
+        diffusion = load_backbone(ref, device=device, dtype=dtype, offline=offline)
+        model.to(diffusion.device)
     settings = replace(settings, seed=int(model.config.get("seed", sidecar.get("seed", 0)) if seed is None else seed))
-    enhancer = MapEnhancer(model.backbone, QualityPrior(model, sidecar["score_normalisation"]), settings, offline=offline)
+    enhancer = MapEnhancer(diffusion, QualityPrior(model, sidecar["score_normalisation"]), settings, offline=offline)
     prior = {
         "method": model.method_name,
         "checkpoint": str(checkpoint) if checkpoint else sidecar.get("released_weights"),
-        "backbone": {"ref": str(model.backbone.ref), "identity": model.backbone.identity},
+        "backbone": {"ref": str(diffusion.ref), "identity": diffusion.identity},
         "score_normalisation": sidecar["score_normalisation"],
         "resolution": model.resolution,
-        "device": str(model.backbone.device),
-        "dtype": str(model.backbone.dtype).replace("torch.", ""),
+        "device": str(diffusion.device),
+        "dtype": str(diffusion.dtype).replace("torch.", ""),
     }
     return enhancer, prior, settings
 

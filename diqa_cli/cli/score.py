@@ -72,10 +72,13 @@ def score(
         help="Score database (SQLite): record every result, and reuse those of files scored before with the same settings.",
         show_default=False,
     ),
-    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (an actor pool; pip install 'diqa-cli[ray]')."),
+    engine: str = typer.Option(
+        "local", "--engine", help="local (this process) or ray (an actor pool; pip install 'diqa-cli[ray]')."
+    ),
     ray_address: str | None = typer.Option(
         None, "--ray-address",
-        help="Ray cluster to use with --engine ray ('auto', HOST:PORT, ray://HOST:10001). Default: $RAY_ADDRESS, else a new local instance.",
+        help="Ray cluster for --engine ray ('auto', HOST:PORT, ray://HOST:10001). "
+        "Default: $RAY_ADDRESS, else a new local instance.",
         show_default=False,
     ),
     ray_actors: int | None = typer.Option(

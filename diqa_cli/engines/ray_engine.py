@@ -130,7 +130,7 @@ class _ScoringActor:
             )
         paths = [str(p) for p in batch.column(self.path_column).to_pylist()]
         known = batch.column(_INPUT_ERROR).to_pylist() if _INPUT_ERROR in batch.column_names else [None] * len(paths)
-        items = [InputItem(path, error or None) for path, error in zip(paths, known)]
+        items = [InputItem(path, error or None) for path, error in zip(paths, known, strict=True)]
         rows = list(self.options.score(items, self.model, self.sidecar))
         types = {"score": pa.float64(), "raw_score": pa.float64(), "seconds": pa.float64()}
         return pa.table(
@@ -166,7 +166,10 @@ def _probe(options):
 
 
 class RayEngine:
-    """``--engine ray``: the ``diqa_cli.engines`` interface over :func:`score_dataset`."""
+    """``--engine ray``: the ``diqa_cli.engines`` interface over :func:`score_dataset`.
+
+    ``actors`` and ``resources`` (per actor) tell the pool's shape once connected.
+    """
 
     def __init__(self, options, *, address: str | None = None, actors: int | None = None, num_cpus: int | None = None):
         self._started = connect(address, num_cpus=num_cpus)
@@ -176,7 +179,6 @@ class RayEngine:
         except BaseException:
             self.close()
             raise
-        self._requested_actors = actors
         self._settings = None
 
     def settings(self):
@@ -206,8 +208,10 @@ class RayEngine:
         context.execution_options.preserve_order = True  # rows in input order, as `local` gives
         context.enable_progress_bars = False  # diqa's own bar is on stderr
         context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run INFO lines
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
         ds = ray.data.from_items(records)
-        rows = score_dataset(ds, self.options, actors=self._requested_actors)
+        rows = score_dataset(ds, self.options, actors=self.actors)
         batches = iter(rows.iter_batches(batch_size=None, batch_format="pyarrow"))
         while True:
             batch = _unwrap(ray, lambda: next(batches, None))

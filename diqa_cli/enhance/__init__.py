@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -176,6 +177,8 @@ def read_source(path: str, *, max_pixels: int | None = None) -> SourceImage:
     from diqa_cli.imageio import _diqa_limit_replaces_pillows, load_image
 
     composite = load_image(path, max_pixels=max_pixels)  # every check and error of `diqa score`
+    if stat.S_ISFIFO(os.stat(path).st_mode):
+        raise InputError(path, "enhance reads its input twice and cannot take a pipe; save the image to a file first")
     # Read again for what scoring drops (mode, alpha, profile); the pixel limit was checked
     # above, so Pillow's own check is switched off the same way imageio does it.
     with _diqa_limit_replaces_pillows(), Image.open(path) as img:
@@ -363,7 +366,10 @@ def enhance_file(plan: OutputPlan, enhancer, *, output_mode: str = "residual", m
                      prior_before=score(source.composite))
         result = enhancer.run(target, progress=progress)
         rgb = compose(source, result.image.numpy(), result.reconstruction.numpy(), mode=output_mode)
-        save_atomic(to_input_mode(source, rgb), plan.output, info=source.info)
+        try:
+            save_atomic(to_input_mode(source, rgb), plan.output, info=source.info)
+        except (OSError, ValueError) as exc:  # the format cannot hold the mode, disk full…
+            raise InputError(plan.input, f"cannot write {plan.output}: {_one_line(exc)}") from None
         written = load_image(plan.output, max_pixels=max_pixels)
         with torch.no_grad():
             device = enhancer.backbone.device
@@ -383,8 +389,6 @@ def enhance_file(plan: OutputPlan, enhancer, *, output_mode: str = "residual", m
         )
     except InputError as exc:
         entry["error"] = exc.reason
-    except (OSError, ValueError) as exc:  # the output's format cannot hold the image, disk full…
-        entry["error"] = f"cannot write {plan.output}: {_one_line(exc)}"
     except Exception as exc:  # noqa: BLE001 - one input's failure (out of memory…) must not stop the others
         entry["error"] = f"enhancement failed: {type(exc).__name__}: {_one_line(exc)}"
     entry["seconds"] = round(time.perf_counter() - started, 3)

@@ -63,6 +63,8 @@ class MapSettings:
     clip: float = 1e-3
     patience: int = 10  # 0: never stop early
     checkpointing: bool = True
+    # Recorded with the results; the loop itself draws no noise, and a prior that does draws it
+    # from a generator seeded from its own config (`diqa enhance --seed` sets that).
     seed: int = 0
 
     def __post_init__(self):
@@ -124,7 +126,9 @@ class QualityPrior:
             pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
             pixels = pixels.clamp(0, 1)
         backbone = self.model.backbone
-        return self.model(pixels.to(backbone.device, backbone.dtype)).float() * self.scale + self.offset
+        # Backbone-free heads (the DP-IQA student) take their parameters' device and dtype.
+        where = backbone if backbone is not None else next(self.model.parameters())
+        return self.model(pixels.to(where.device, where.dtype)).float() * self.scale + self.offset
 
 
 def build_fidelity(name: str, *, device, offline: bool = False, lpips_weights: str | None = "imagenet"):
@@ -184,7 +188,6 @@ class MapEnhancer:
         backbone = self.backbone
         if pixels.ndim != 4 or pixels.shape[0] != 1:
             raise ValueError(f"MapEnhancer.run takes one image, (1, 3, R, R); got {tuple(pixels.shape)}")
-        torch.manual_seed(settings.seed)  # nothing here draws noise; a prior that does is seeded too
         target = pixels.to(backbone.device, torch.float32)
 
         started = time.perf_counter()

@@ -73,11 +73,7 @@ def _load_all() -> None:
         return
     _loaded = True
     for name in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(f"diqa_cli.methods.{name}")
-        except ModuleNotFoundError as exc:  # a method not written yet is simply absent
-            if exc.name != f"diqa_cli.methods.{name}":
-                raise
+        importlib.import_module(f"diqa_cli.methods.{name}")
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="diqa.methods"):

@@ -15,6 +15,7 @@ SPEC = register_method(
         model="diqa_cli.models.dpiqa:DPIQA",
         default_backbone="sd15",
         resolution=512,
+        resample="bilinear",  # torchvision Resize default in the released transform
         input_convention="[0,1] RGB straight into the VAE (released convention), 512x512 resize without crop",
         timesteps=(1,),
         score_direction="higher is better",
@@ -40,6 +41,8 @@ SPEC = register_method(
             "released code loads a quality_embeddings.pth that is not in its repository)",
         ),
         extra={
+            # Released heads regress the training label divided by 100; scale 100 reports that label.
+            "released_score_normalisation": {"offset": 0.0, "scale": 100.0},
             "prompts": "1485 = 5 qualities x 9 scenes x 33 distortions, 'a photo of a {scene} with "
             "{distortion} artifacts, which is of {quality} quality'",
             "prompt_encoder": "clip-vit-large-patch14 (pooled, projected text features)",

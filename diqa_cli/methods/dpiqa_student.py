@@ -17,6 +17,7 @@ SPEC = register_method(
         # loads it (extra["needs_backbone"] is False).
         default_backbone="sd15",
         resolution=512,
+        resample="bilinear",  # torchvision Resize default in the released transform
         input_convention="[0,1] RGB, no ImageNet normalisation (released convention), 512x512 resize without crop",
         timesteps=(),
         score_direction="higher is better",
@@ -36,6 +37,8 @@ SPEC = register_method(
             "the feature-map size and fc1 width follow the input resolution (released hard-codes 512 px)",
         ),
         extra={
+            # Released heads regress the training label divided by 100; scale 100 reports that label.
+            "released_score_normalisation": {"offset": 0.0, "scale": 100.0},
             "needs_backbone": False,
             "teacher": "dpiqa",
             "feature_map": "(8, R/8, R/8), matched to the teacher's map in distillation",

@@ -80,6 +80,21 @@ class QualityModel(nn.Module):
         return {}
 
     @property
+    def device(self) -> torch.device:
+        """Where inputs go: the backbone's device, or the parameters' for a model that runs
+        without a diffusion backbone (the DP-IQA student)."""
+        if self.backbone is not None:
+            return self.backbone.device
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype inputs are cast to (the backbone's, else the parameters')."""
+        if self.backbone is not None:
+            return self.backbone.dtype
+        return next(self.parameters()).dtype
+
+    @property
     def resolution(self) -> int:
         """Square side of the input this model was built for (config ``resolution``, else the
         backbone's native resolution)."""

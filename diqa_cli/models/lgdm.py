@@ -44,7 +44,9 @@ level of that description is diqa's choice, listed here so nobody mistakes it fo
 
 Cost per image: one U-Net pass per timestep, plus, per guided step, a VAE decode, the perceptual
 networks on the estimate and the input, and a backward pass through them and the decoder (with
-``guidance_wrt="zt"`` through the U-Net too). ``guidance_steps=0`` drops the guidance.
+``guidance_wrt="zt"`` through the U-Net too). ``guidance_steps=0`` drops the guidance. Measured
+on one H200 in fp16 with SD 1.5-sized random weights at 512 px, batch 4: 0.04 s per image
+without guidance, 0.16 with the defaults, 0.17 with ``"zt"``; peak memory about 5 GiB per image.
 
 Gradients: guidance needs autograd even when scoring, so the guided steps switch it on locally;
 :meth:`LGDM.forward` works under ``torch.no_grad()`` and under ``torch.inference_mode()`` (it
@@ -190,10 +192,11 @@ class LGDM(QualityModel):
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:
-        """The default trajectory and guidance with random-weight perceptual networks (no ImageNet
-        weights needed) and LPIPS-alex in place of LPIPS-vgg, which is cheaper; a small head."""
+        """The default trajectory and guidance, but with pixel MSE + LPIPS-alex on random-weight
+        perceptual networks (no ImageNet weights needed; DISTS would triple the tiny model's CPU
+        cost and is exercised by the tests on its own), and a small head."""
         return {
-            "perceptual": {"lpips-alex": 1.0, "dists": 1.0},
+            "perceptual": {"lpips-alex": 1.0},
             "perceptual_backbone_weights": None,
             "projection_dim": 32,
             "hidden_dim": 16,
@@ -231,7 +234,8 @@ class LGDM(QualityModel):
         return torch.cat(pooled, dim=1)
 
     def _predict(self, taps, z: torch.Tensor, t: int, abar: torch.Tensor):
-        """One U-Net pass: (noise estimate, Tweedie estimate of z0, tapped maps), in float32."""
+        """One U-Net pass: (noise estimate, Tweedie estimate of z0, tapped maps), the estimates in
+        :attr:`work_dtype`."""
         bb = self.backbone
         timestep = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
         context = self.context.expand(z.shape[0], -1, -1)

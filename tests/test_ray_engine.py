@@ -1,0 +1,132 @@
+"""`--engine ray`: Ray Data's actor pool runs the same scorer as the single process.
+
+One local Ray instance for the whole module (started by diqa's own `connect`, on 127.0.0.1
+only, two CPUs, no dashboard), CPU actors, the tiny backbone's DP-IQA head. Skipped, with the
+reason, where Ray is not installed; the install hint itself is tested either way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import os
+import sys
+
+import pytest
+
+from diqa_cli.engines import LocalEngine, ScorerOptions
+from diqa_cli.imageio import expand_inputs
+from diqa_cli.store import ReuseRun, open_store
+from test_store import head, model_home, run_main  # noqa: F401 - fixtures
+
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install 'diqa-cli[ray]')"
+)
+
+
+def _options(head) -> ScorerOptions:
+    return ScorerOptions(checkpoint=str(head), device="cpu", dtype="fp32", offline=True, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def ray_instance(head, model_home):
+    """diqa's own local Ray instance; its workers inherit the module's DIQA_HOME, where the
+    head's prompt embeddings are cached."""
+    from diqa_cli.engines.ray_engine import connect
+
+    assert connect(num_cpus=2), "a Ray instance was already running in this process"
+    import ray
+
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local(head, model_home):
+    with LocalEngine(_options(head)) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_images):
+    """Four good images, then a corrupt, a truncated, a missing file and a glob matching nothing."""
+    folder = tmp_path_factory.mktemp("ray_inputs")
+    good = []
+    for i, image in enumerate(tiny_images(4)):
+        image.save(folder / f"good{i}.png")
+        good.append(str(folder / f"good{i}.png"))
+    (folder / "corrupt.jpg").write_bytes(b"not an image\n" * 20)
+    (folder / "truncated.png").write_bytes((folder / "good0.png").read_bytes()[:200])
+    args = [*good, str(folder / "corrupt.jpg"), str(folder / "truncated.png"), str(folder / "missing.png"), str(folder / "*.tif")]
+    return expand_inputs(args)
+
+
+def _assert_same_rows(rows, reference):
+    assert [r["path"] for r in rows] == [r["path"] for r in reference]
+    for got, want in zip(rows, reference, strict=True):
+        assert (got["status"], got["error"]) == (want["status"], want["error"]), got["path"]
+        if want["status"] == "ok":
+            assert got["score"] == pytest.approx(want["score"], rel=0, abs=1e-5)
+            assert got["raw_score"] == pytest.approx(want["raw_score"], rel=0, abs=1e-5)
+        else:
+            assert got["score"] is None
+
+
+@needs_ray
+def test_local_instance_listens_on_loopback_only(ray_instance):
+    import psutil
+
+    ours = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert listening, "found no listening sockets of the Ray processes"
+    exposed = {c.laddr.ip for c in listening if not _loopback(c.laddr.ip)}
+    assert not exposed, f"Ray listens on {exposed}"
+
+
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
+
+
+@needs_ray
+def test_score_dataset_gives_the_single_process_rows(ray_instance, head, local, inputs):
+    from diqa_cli.engines.ray_engine import ROW_COLUMNS, score_dataset
+
+    reference = list(local.score(inputs))
+    # A user's own dataset, with its own column name; actors return rows in any order.
+    ds = ray_instance.data.from_items([{"file": item.path} for item in inputs if item.error is None])
+    rows = score_dataset(ds, _options(head), actors=2, path_column="file", rows_per_call=3).take_all()
+    assert all(set(row) == set(ROW_COLUMNS) for row in rows)
+    by_path = {row["path"]: row for row in rows}
+    assert len(by_path) == len(rows) == len(inputs) - 1  # every input once
+    expected = [r for r in reference if r["path"] in by_path]  # all but the glob matching nothing
+    _assert_same_rows([by_path[r["path"]] for r in expected], expected)
+
+
+@needs_ray
+def test_ray_engine_reuses_stored_results_and_scores_the_rest_in_order(ray_instance, head, local, inputs, tmp_path):
+    from diqa_cli.engines.ray_engine import RayEngine
+
+    reference = list(local.score(inputs))
+    with open_store(tmp_path / "scores.sqlite") as store:
+        list(ReuseRun(inputs[:2], local, store))  # a single-process run scored two files before
+        with RayEngine(_options(head), actors=2) as engine:
+            assert engine.settings() == local.settings()  # the actors' settings key the same results
+            run = ReuseRun(inputs, engine, store)
+            rows = list(run)
+        assert (run.reused, run.scored) == (2, len(inputs) - 2)
+        assert [r["cached"] for r in rows] == [True, True] + [False] * (len(inputs) - 2)
+        _assert_same_rows(rows, reference)
+        assert [r["status"] for r in rows[4:]] == ["error"] * 4
+        assert len(list(store.rows())) == len(inputs)
+    assert ray_instance.is_initialized()  # the engine left the instance it did not start running
+
+
+def test_without_ray_the_engine_says_how_to_install_it(head, monkeypatch, run_main):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
+    code, out, err = run_main(["score", "--engine", "ray", "--checkpoint", str(head), str(head)])
+    assert code == 2 and out == ""
+    assert "--engine ray needs Ray Data" in err and "pip install 'diqa-cli[ray]'" in err
+
+    code, _, err = run_main(["score", "--ray-actors", "2", "--checkpoint", str(head), str(head)])
+    assert code == 2 and "--ray-address and --ray-actors need --engine ray" in err
