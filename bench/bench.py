@@ -9,7 +9,9 @@ image method, measured side by side in one run; then the video, enhance and stor
    1485 CLIP prompt features on every load), so the speedup is a lower bound. A third loop
    (naive, but the model loaded once) separates what reloading costs from what batching and
    overlapped decoding gain. Runs alternate (A B C A B C ...) so a busy machine slows all
-   sides alike; medians are reported. Done on the tiny random backbone (``diqa_cli.tiny``) and
+   sides alike: each round scores every image with diqa and a share of them with the naive
+   loops; diqa's rate is the median over rounds, the naive rates come from the median time per
+   image. Done on the tiny random backbone (``diqa_cli.tiny``) and
    on a Stable Diffusion 1.5-sized random U-Net and VAE at 256 px. At SD size the naive loop's
    reload is timed once (load + first forward pass, minus a warm forward pass) and added per
    image rather than repeated; the output says so.
@@ -25,7 +27,8 @@ meaningless; only the times are. The last line is ``speedup X.XX``: diqa images/
 images/s for DP-IQA on the tiny backbone. Report lines are ``key=value`` on stdout; progress
 goes to stderr.
 
-Usage: python bench/bench.py [--quick] [--device auto|cpu|cuda] [--images 48] [--repeats 3]
+Usage: python bench/bench.py [--quick] [--device auto|cpu|cuda] [--images 48] [--repeats 6]
+       [--no-other-benches]
 """
 
 from __future__ import annotations
@@ -57,9 +60,7 @@ OTHER_BENCHES = {
     "bench_enhance.py": ["--steps", "2", "--iterations", "2"],
     "bench_store.py": ["--images", "40"],
 }
-
-
-_STARTED = time.perf_counter()
+_STARTED = time.perf_counter()  # progress lines show seconds since start
 
 
 def progress(message: str) -> None:
@@ -68,8 +69,7 @@ def progress(message: str) -> None:
 
 def _value(value) -> str:
     if isinstance(value, float):
-        text = format(value, ".3g")
-        return f"{value:.0f}" if "e" in text else text
+        return f"{value:.0f}" if abs(value) >= 1000 else format(value, ".3g")
     return str(value).replace(" ", "_")
 
 
@@ -77,6 +77,16 @@ def report(**fields) -> None:
     """One ``key=value`` line on stdout, always saying the images are synthetic."""
     fields.setdefault("images", SYNTHETIC)
     print(" ".join(f"{key}={_value(value)}" for key, value in fields.items()), flush=True)
+
+
+def cpu_pressure() -> str:
+    """Share of the last 60 s in which some runnable task waited for a CPU (Linux PSI): other
+    processes competing for the cores, which no alternation of runs can fully cancel."""
+    try:
+        fields = Path("/proc/pressure/cpu").read_text().split("\n")[0].split()
+    except OSError:
+        return "n/a"
+    return next((f.split("=")[1] + "%" for f in fields if f.startswith("avg60=")), "n/a")
 
 
 def _error(exc: BaseException) -> str:
@@ -180,56 +190,73 @@ def naive_score(path: str, model) -> float:
         return float(model(naive_pixels(path, model.resolution, backbone.device, backbone.dtype))[0])
 
 
-def naive_loop(paths, *, load=None, model=None) -> tuple[float, float, list[float]]:
-    """(seconds in all, seconds of it spent loading, raw scores): one image at a time, the
-    backbone and head loaded again for every image when ``load`` is given."""
-    loading, scores = 0.0, []
-    started = time.perf_counter()
+def naive_loop(paths, *, load=None, model=None) -> list[tuple[float, float, float]]:
+    """One image at a time, the backbone and head loaded again for every image when ``load`` is
+    given; per image ``(seconds, seconds of them spent loading, raw score)``."""
+    per_image = []
     for path in paths:
+        started = time.perf_counter()
         if load is not None:
-            tick = time.perf_counter()
             model = load()
-            loading += time.perf_counter() - tick
-        scores.append(naive_score(path, model))
-    return time.perf_counter() - started, loading, scores
+        loaded = time.perf_counter()
+        score = naive_score(path, model)
+        per_image.append((time.perf_counter() - started, loaded - started, score))
+    return per_image
+
+
+def _per_image_rate(records) -> float:
+    """Images per second from per-image times: their median, robust to a moment when another
+    process took the CPU."""
+    return 1.0 / statistics.median(seconds for seconds, _, _ in records)
+
+
+def _score_diff(diqa_raw: list[float], naive: dict[int, float]) -> float:
+    """Largest raw-score difference between the pipeline and the naive loop over the same images
+    (different resize code paths and batch sizes, so not zero, but small)."""
+    return max(abs(diqa_raw[i] - score) for i, score in naive.items())
 
 
 def compare(label: str, paths, *, load_diqa, load_naive, repeats: int, batch_size: int, device) -> float:
-    """Tiny backbone: diqa (load once + score) against naive (reload per image) and naive with
-    the model loaded once, alternated; prints the line and returns the speedup."""
+    """Tiny backbone: diqa (load once + score every image) against naive (reload per image) and
+    naive with the model loaded once, alternated; prints the line and returns the speedup.
+
+    Each round runs diqa on all images and the naive loops on a 1/``repeats`` share of them, so
+    every image goes through the naive loops once in all; diqa's rate is the median over rounds,
+    the naive loops' rates come from the median time per image."""
     progress(f"{label}: warming up")
     warm_model = load_diqa()
-    diqa_scores(paths[:2], warm_model, batch_size)
+    diqa_scores(paths[:batch_size], warm_model, batch_size)
     naive_score(paths[0], warm_model)
-    diqa_rates, steady_rates, naive_rates, once_rates, loads, reloads = [], [], [], [], [], []
+    runs, loads, reloading, once, naive_raw = [], [], [], [], {}
     for rep in range(repeats):
-        progress(f"{label}: round {rep + 1}/{repeats}: diqa")
+        share = list(range(rep, len(paths), repeats))
+        progress(f"{label}: round {rep + 1}/{repeats}: diqa, {len(paths)} images")
         started = time.perf_counter()
         model = load_diqa()
         _sync(device)
         load_s = time.perf_counter() - started
         score_s, diqa_raw = diqa_scores(paths, model, batch_size)
         del model
-        diqa_rates.append(len(paths) / (load_s + score_s))
-        steady_rates.append(len(paths) / score_s)
+        runs.append((load_s + score_s, score_s))
         loads.append(load_s)
-        progress(f"{label}: round {rep + 1}/{repeats}: naive, reloading per image")
-        naive_s, reload_s, naive_raw = naive_loop(paths, load=load_naive)
-        naive_rates.append(len(paths) / naive_s)
-        reloads.append(reload_s / len(paths))
-        progress(f"{label}: round {rep + 1}/{repeats}: naive, loaded once")
-        once_s, _, _ = naive_loop(paths, model=warm_model)
-        once_rates.append(len(paths) / once_s)
-    diqa, naive = statistics.median(diqa_rates), statistics.median(naive_rates)
-    steady, once = statistics.median(steady_rates), statistics.median(once_rates)
+        progress(f"{label}: round {rep + 1}/{repeats}: naive, {len(share)} images, reloading per image")
+        records = naive_loop([paths[i] for i in share], load=load_naive)
+        reloading += records
+        naive_raw.update(zip(share, (score for _, _, score in records)))
+        progress(f"{label}: round {rep + 1}/{repeats}: naive, {len(share)} images, loaded once")
+        once += naive_loop([paths[i] for i in share], model=warm_model)
+    diqa = len(paths) / statistics.median(total for total, _ in runs)
+    steady = len(paths) / statistics.median(score for _, score in runs)
+    naive, naive_once = _per_image_rate(reloading), _per_image_rate(once)
     report(
         bench="pipeline", backbone=label, method="dpiqa", n=len(paths), repeats=repeats, batch_size=batch_size,
         resolution=warm_model.resolution,
         diqa_img_per_s=diqa, naive_img_per_s=naive, speedup=f"{diqa / naive:.2f}",
-        diqa_steady_img_per_s=steady, naive_loaded_once_img_per_s=once,
-        speedup_batching_and_overlap=f"{steady / once:.2f}",
-        diqa_load_s=statistics.median(loads), naive_reload_s_per_image=statistics.median(reloads),
-        max_abs_raw_score_diff=max(abs(a - b) for a, b in zip(diqa_raw, naive_raw)),
+        diqa_steady_img_per_s=steady, naive_loaded_once_img_per_s=naive_once,
+        speedup_batching_and_overlap=f"{steady / naive_once:.2f}",
+        diqa_load_s=statistics.median(loads),
+        naive_reload_s_per_image=statistics.median(load for _, load, _ in reloading),
+        max_abs_raw_score_diff=_score_diff(diqa_raw, naive_raw),
     )
     return diqa / naive
 
@@ -311,6 +338,8 @@ def sd_compare(paths, *, folder: Path, clip: Path, repeats: int, device, dtype) 
     progress("SD 1.5-sized DP-IQA: warming up")
     model = load()
     naive_score(paths[0], model)
+    if device.type == "cuda":  # kernel selection for the batch shape (seconds per image on the CPU: skipped)
+        diqa_scores(paths, model, len(paths))
     warm_single = []
     for path in paths[:2]:
         tick = time.perf_counter()
@@ -326,28 +355,31 @@ def sd_compare(paths, *, folder: Path, clip: Path, repeats: int, device, dtype) 
     naive_score(paths[0], model)
     reload_s = max(0.0, time.perf_counter() - tick - min(warm_single))
 
-    diqa_rates, steady, once, rows = [], [], [], [0]
+    runs, once, naive_raw, rows = [], [], {}, [0]
     for rep in range(repeats):
-        progress(f"SD 1.5-sized DP-IQA: round {rep + 1}/{repeats}: diqa ({len(paths)} images)")
+        share = list(range(rep, len(paths), repeats))
+        progress(f"SD 1.5-sized DP-IQA: round {rep + 1}/{repeats}: diqa, {len(paths)} images in one batch")
         with unet_rows(model) as rows:
             score_s, diqa_raw = diqa_scores(paths, model, len(paths))
-        diqa_rates.append(len(paths) / (reload_s + score_s))
-        steady.append(len(paths) / score_s)
-        progress(f"SD 1.5-sized DP-IQA: round {rep + 1}/{repeats}: naive, one image at a time")
-        once_s, _, naive_raw = naive_loop(paths, model=model)
-        once.append(len(paths) / once_s)
-    naive_rates = [len(paths) / (len(paths) / rate + len(paths) * reload_s) for rate in once]
-    diqa, naive = statistics.median(diqa_rates), statistics.median(naive_rates)
+        runs.append(score_s)
+        progress(f"SD 1.5-sized DP-IQA: round {rep + 1}/{repeats}: naive, {len(share)} images one at a time")
+        records = naive_loop([paths[i] for i in share], model=model)
+        once += records
+        naive_raw.update(zip(share, (score for _, _, score in records)))
+    steady = len(paths) / statistics.median(runs)
+    diqa = len(paths) / (reload_s + statistics.median(runs))
+    naive_once = _per_image_rate(once)
+    naive = 1.0 / (1.0 / naive_once + reload_s)
     report(
         bench="pipeline", backbone="sd15-sized-random", method="dpiqa", n=len(paths), repeats=repeats,
         batch_size=len(paths), resolution=SD_RESOLUTION,
         diqa_img_per_s=diqa, naive_img_per_s=naive, speedup=f"{diqa / naive:.2f}",
-        diqa_steady_img_per_s=statistics.median(steady), naive_loaded_once_img_per_s=statistics.median(once),
-        speedup_batching_and_overlap=f"{statistics.median(steady) / statistics.median(once):.2f}",
+        diqa_steady_img_per_s=steady, naive_loaded_once_img_per_s=naive_once,
+        speedup_batching_and_overlap=f"{steady / naive_once:.2f}",
         naive_reload_s_per_image=reload_s, naive_reload="timed_once_and_added_per_image",
-        max_abs_raw_score_diff=max(abs(a - b) for a, b in zip(diqa_raw, naive_raw)),
+        max_abs_raw_score_diff=_score_diff(diqa_raw, naive_raw),
     )
-    result = {"img_per_s": statistics.median(steady), "n": len(paths), "unet_evals": rows[0] / len(paths)}
+    result = {"img_per_s": steady, "n": len(paths), "unet_evals": rows[0] / len(paths)}
     del model
     gc.collect()
     return result
@@ -366,7 +398,12 @@ def sd_method(spec, backbone, paths, *, device, dtype, overrides: dict) -> dict:
     if backbone is None:
         model.to(device, dtype)
     model.eval()
-    diqa_scores(paths[:1], model, 1)  # warm-up
+    if device.type == "cuda" or backbone is None:
+        # The first call pays kernel selection and allocator growth. On the CPU, where one image
+        # through SD-sized U-Net passes takes tens of seconds, that set-up is a small share and
+        # a warm-up pass is not worth its time; a backbone-free network runs in about a second,
+        # so there it is not.
+        diqa_scores(paths[:1], model, 1)
     with unet_rows(model) as rows:
         score_s, _ = diqa_scores(paths, model, len(paths))
     return {"img_per_s": len(paths) / score_s, "n": len(paths), "unet_evals": rows[0] / len(paths)}
@@ -442,39 +479,102 @@ def _sd_overrides(name: str, clip: Path) -> dict:
     }.get(name, {})
 
 
+def sd_stage(specs, paths, *, root: Path, tokenizer: Path, sd_images: int, method_images: int, repeats: int,
+             device, dtype) -> dict:
+    """Every image method at SD size, 256 px: DP-IQA through :func:`sd_compare`, the others on
+    their default backbone config (each SD-sized backbone written, loaded and freed in turn).
+    ``device`` and ``dtype`` are resolved torch objects (the backbone loaders take those too)."""
+    from diqa_cli.backbone import load_backbone
+
+    progress("writing an SD 1.5-sized random backbone (3.8 GB in fp32)")
+    sd15 = write_random_sd("sd15", root / "sd15", tokenizer)
+    clip = write_random_clip(root / "clip", 768, tokenizer)
+    results = {"dpiqa": sd_compare(paths[:sd_images], folder=sd15, clip=clip, repeats=repeats,
+                                   device=device, dtype=dtype)}
+    by_config: dict[str | None, list] = {}
+    for spec in specs:
+        if spec.name != "dpiqa":
+            config = spec.default_backbone if spec.extra.get("needs_backbone", True) else None
+            by_config.setdefault(config, []).append(spec)
+    for config, group in by_config.items():
+        backbone = None
+        if config is not None:
+            folder = sd15 if config == "sd15" else write_random_sd(config, root / config, tokenizer)
+            backbone = load_backbone(str(folder), device=device, dtype=dtype, offline=True)
+        for spec in group:
+            progress(f"SD-sized {spec.name} ({config or 'no diffusion backbone'}), {method_images} image(s)")
+            try:
+                results[spec.name] = sd_method(spec, backbone, paths[:method_images], device=device, dtype=dtype,
+                                               overrides=_sd_overrides(spec.name, clip))
+            except Exception as exc:  # noqa: BLE001 - reported on the method's line
+                results[spec.name] = {"error": _error(exc)}
+            gc.collect()
+        del backbone
+        gc.collect()
+        if config not in (None, "sd15"):
+            shutil.rmtree(root / config)
+    return results
+
+
+def report_methods(specs, tiny: dict, sd: dict, quick: bool) -> None:
+    from diqa_cli.methods import list_methods
+
+    for spec in specs:
+        small, big = tiny.get(spec.name, {}), sd.get(spec.name, {})
+        needs_backbone = spec.extra.get("needs_backbone", True)
+        report(
+            method=spec.name,
+            tiny_img_per_s=small.get("error", small.get("img_per_s")), tiny_images=small.get("n", 0),
+            sd256_img_per_s="skipped(--quick)" if quick else big.get("error", big.get("img_per_s")),
+            sd256_images=big.get("n", 0),
+            sd256_model=(f"{spec.default_backbone}-sized_random" if needs_backbone
+                         else "released_architecture_random(no_diffusion_backbone)"),
+            unet_evals_per_image=small.get("unet_evals", big.get("unet_evals", "n/a")),
+        )
+    for spec in list_methods("video"):
+        report(method=spec.name, note="video_method:see_bench_video.py_below", images="synthetic_clip(skimage.data)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer images, tiny backbone only, short other benches")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (fp16 on CUDA)")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
     parser.add_argument("--images", type=int, help="images in the tiny comparison (default 48; --quick 16)")
-    parser.add_argument("--method-images", type=int, help="images per method on the tiny backbone (default 16)")
-    parser.add_argument("--sd-images", type=int, help="images at SD size for DP-IQA (default 4 on CPU, 32 on CUDA)")
-    parser.add_argument("--sd-method-images", type=int, help="images at SD size for the other methods (default 1 on CPU, 8 on CUDA)")
-    parser.add_argument("--repeats", type=int, help="alternated rounds per comparison (default 3; --quick 2; SD size 2)")
+    parser.add_argument("--method-images", type=int, help="images per method, tiny backbone (default 16; --quick 8)")
+    parser.add_argument("--sd-images", type=int, help="DP-IQA images at SD size (default 4 on CPU, 32 on CUDA)")
+    parser.add_argument("--sd-method-images", type=int,
+                        help="images per other method at SD size (default 1 on CPU, 8 on CUDA)")
+    parser.add_argument("--repeats", type=int, help="alternated rounds (default 6, at SD size 2; --quick 4)")
     parser.add_argument("--batch-size", type=int, default=8, help="diqa's batch size on the tiny backbone")
     parser.add_argument("--no-other-benches", action="store_true", help="skip bench_video/enhance/store")
     args = parser.parse_args()
+    for name in ("images", "method_images", "sd_images", "sd_method_images", "repeats", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     wall = time.perf_counter()
 
     import torch
 
-    from diqa_cli.backbone import load_backbone, resolve_device, resolve_dtype
+    from diqa_cli.backbone import resolve_device, resolve_dtype
     from diqa_cli.checkpoint import load_head
+    from diqa_cli.errors import DiqaError
     from diqa_cli.methods import list_methods
     from diqa_cli.scoring import load_scorer
     from diqa_cli.tiny import write_tiny_bundle
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    # The loaders take the names (a backbone-free head resolves them itself).
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+    except DiqaError as exc:
+        parser.error(str(exc))
+    # The loaders take names (a backbone-free head resolves them itself); "auto" resolves as above.
     device_name, dtype_name = str(device), args.dtype
     cuda = device.type == "cuda"
     n_images = args.images or (16 if args.quick else 48)
     n_method = min(args.method_images or (8 if args.quick else 16), n_images)
-    repeats = args.repeats or (2 if args.quick else 3)
+    repeats = args.repeats or (4 if args.quick else 6)
     sd_images = args.sd_images or (32 if cuda else 4)
-    sd_method_images = args.sd_method_images or (8 if cuda else 1)
 
     with tempfile.TemporaryDirectory(prefix="diqa-bench-") as tmp:
         root = Path(tmp)
@@ -484,69 +584,31 @@ def main() -> int:
         bundle = write_tiny_bundle(root / "tiny")
         report(
             bench="setup", device=device, dtype=str(dtype).replace("torch.", ""), torch_threads=torch.get_num_threads(),
-            cpus=os.cpu_count(), loadavg_1min=os.getloadavg()[0], jpegs=len(paths), jpeg_long_side_px=512,
+            cpus=os.cpu_count(), loadavg_1min=os.getloadavg()[0], cpu_pressure_60s=cpu_pressure(),
+            jpegs=len(paths), jpeg_long_side_px=512,
             networks="random_weights(scores_meaningless)",
         )
 
         head = bundle / "heads" / "dpiqa.safetensors"
         speedup = compare(
             "tiny", paths[:n_images],
-            load_diqa=lambda: load_scorer(None, checkpoint=str(head), device=device_name, dtype=dtype_name, offline=True)[0],
+            load_diqa=lambda: load_scorer(None, checkpoint=str(head), device=device_name, dtype=dtype_name,
+                                          offline=True)[0],
             load_naive=lambda: load_head(head, device=device_name, dtype=dtype_name, offline=True)[0],
             repeats=repeats, batch_size=args.batch_size, device=device,
         )
-
         specs = list_methods("image")
         tiny = tiny_methods(specs, bundle / "heads", paths[:n_method], repeats=repeats,
                             batch_size=args.batch_size, device=device_name, dtype=dtype_name)
-        sd: dict[str, dict] = {}
+        sd = {}
         if not args.quick:
-            tokenizer = bundle / "backbone" / "tokenizer"
-            progress("writing an SD 1.5-sized random backbone (3.8 GB in fp32)")
-            sd15 = write_random_sd("sd15", root / "sd15", tokenizer)
-            clip = write_random_clip(root / "clip", 768, tokenizer)
-            sd["dpiqa"] = sd_compare(paths[:sd_images], folder=sd15, clip=clip, repeats=args.repeats or 2,
-                                     device=device_name, dtype=dtype_name)
-            by_config: dict[str, list] = {}
-            for spec in specs:
-                if spec.name != "dpiqa":
-                    needs_backbone = spec.extra.get("needs_backbone", True)
-                    by_config.setdefault(spec.default_backbone if needs_backbone else None, []).append(spec)
-            for config, group in by_config.items():
-                backbone = None
-                if config is not None:
-                    folder = sd15 if config == "sd15" else write_random_sd(config, root / config, tokenizer)
-                    backbone = load_backbone(str(folder), device=device_name, dtype=dtype_name, offline=True)
-                for spec in group:
-                    progress(f"SD-sized {spec.name} ({config or 'no diffusion backbone'}), {sd_method_images} image(s)")
-                    try:
-                        sd[spec.name] = sd_method(spec, backbone, paths[:sd_method_images], device=device,
-                                                  dtype=dtype, overrides=_sd_overrides(spec.name, clip))
-                    except Exception as exc:  # noqa: BLE001 - reported on the method's line
-                        sd[spec.name] = {"error": _error(exc)}
-                    gc.collect()
-                del backbone
-                gc.collect()
-                if config not in (None, "sd15"):
-                    shutil.rmtree(root / config)
-
-        for spec in specs:
-            small, big = tiny.get(spec.name, {}), sd.get(spec.name, {})
-            sd_rate = "skipped(--quick)" if args.quick else big.get("error", big.get("img_per_s"))
-            needs_backbone = spec.extra.get("needs_backbone", True)
-            report(
-                method=spec.name,
-                tiny_img_per_s=small.get("error", small.get("img_per_s")), tiny_images=small.get("n", 0),
-                sd256_img_per_s=sd_rate, sd256_images=big.get("n", 0),
-                sd256_model=(f"{spec.default_backbone}-sized_random" if needs_backbone
-                             else "released_architecture_random(no_diffusion_backbone)"),
-                unet_evals_per_image=small.get("unet_evals", big.get("unet_evals", "n/a")),
-            )
-        for spec in list_methods("video"):
-            report(method=spec.name, note="video_method:see_bench_video.py_below", images="synthetic_clip(skimage.data)")
+            sd = sd_stage(specs, paths, root=root, tokenizer=bundle / "backbone" / "tokenizer", sd_images=sd_images,
+                          method_images=args.sd_method_images or (8 if cuda else 1), repeats=args.repeats or 2,
+                          device=device, dtype=dtype)
+        report_methods(specs, tiny, sd, args.quick)
 
         failed = [] if args.no_other_benches else run_other_benches(args.quick, args.device)
-        report(bench="total", seconds=time.perf_counter() - wall, quick=args.quick,
+        report(bench="total", seconds=time.perf_counter() - wall, quick=args.quick, cpu_pressure_60s=cpu_pressure(),
                other_benches_failed=",".join(failed) or "none")
     print(f"speedup {speedup:.2f}", flush=True)
     return 1 if failed else 0
