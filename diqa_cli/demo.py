@@ -3,15 +3,22 @@
 It builds the tiny random backbone (:mod:`diqa_cli.tiny`) in the cache, makes a SYNTHETIC
 distortion set from scikit-image's bundled photos (:mod:`diqa_cli.synthetic`: blur, noise, JPEG
 and contrast at 5 levels, train and test split by source photo), trains a DP-IQA head on the
-training photos, scores the held-out photos with the normal scoring pipeline, and prints one row
-per held-out image and the SRCC of the scores against the synthetic MOS (1 - level/6).
+training photos, scores every image with the normal scoring pipeline, and prints one row per
+held-out image and the SRCC of the scores against the synthetic MOS (1 - level/6), on the
+held-out photos and on the training photos.
 
-This is a tiny random-backbone demo on a synthetic distortion set, not a quality model: the
-U-Net and VAE are random, the labels are distortion strengths, and the SRCC says only that the
-training and scoring machinery learns to rank these distortions on unseen photos.
+This is a tiny random-backbone demo on a synthetic distortion set, not a quality model. What
+lets DP-IQA generalise to photos it has not seen is the pretrained diffusion prior, and a random
+U-Net and VAE have none: the head fits its training photos (SRCC near 1) while the SRCC on the
+held-out photos stays near chance (measured over seeds 0-3: 0.28, -0.38, 0.32, 0.09; on the
+training photos 0.98, 0.98, 0.94, 0.95). The demo
+shows the machinery working end to end, not a quality model.
 
-The head is DP-IQA's tiny config without U-Net fine-tuning: fine-tuning a random U-Net teaches
-it nothing a real one would keep, and skipping it makes each step about three times cheaper.
+The head is DP-IQA's tiny config without U-Net fine-tuning (fine-tuning a random U-Net teaches
+it nothing a real one would keep, and skipping it makes each step about three times cheaper),
+with a shallower score path and wider FC layers, which leave the initial plateau sooner.
+Torch runs on one thread: the tiny tensors give intra-op threads nothing to share, and on a busy
+machine two threads made a training step several times slower, not faster.
 """
 
 from __future__ import annotations
@@ -28,16 +35,14 @@ __all__ = ["DEMO_LABEL", "run_demo"]
 DEMO_LABEL = "tiny random-backbone demo on a synthetic distortion set — not a quality model"
 
 # Tuned so the whole demo (imports, tiny backbone, data, training, scoring) stays well under
-# 3 minutes on 2 CPU cores: 6 photos x 21 images, 2 photos held out.
-import os
-DEMO_SOURCES = tuple(os.environ.get("XDEMO_SOURCES", "astronaut,coffee,chelsea,rocket,hubble_deep_field,camera").split(","))
+# 3 minutes on 2 CPU cores: 6 photos x 21 images, 2 photos held out, about 330 training steps.
+DEMO_SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "camera")
 DEMO_SIZE = 64
-DEMO_EPOCHS = int(os.environ.get('XDEMO_EPOCHS', 20))
-DEMO_BATCH = int(os.environ.get('XDEMO_BATCH', 16))
-DEMO_LR = float(os.environ.get('XDEMO_LR', 3e-3))
-DEMO_SEED = int(os.environ.get("XDEMO_SEED", 0))
-# DP-IQA's tiny head, without U-Net fine-tuning (see the module docstring), with a shallower
-# score path and wider FC layers: on the tiny backbone it leaves its initial plateau sooner.
+DEMO_EPOCHS = 30
+DEMO_BATCH = 8
+DEMO_LR = 2e-3
+DEMO_SEED = 0
+# See the module docstring for why this head.
 DEMO_HEAD = {"finetune_unet": False, "decoder_channels": 32, "score_channels": [8], "fc_hidden": 64}
 _TINY_DONE = ".diqa-tiny-complete"
 
@@ -64,21 +69,15 @@ def run_demo(
     log: Callable[[str], None] | None = None,
     stdout=None,
 ) -> dict[str, Any]:
-    """Run the demo; the table and the SRCC line go to ``stdout``, progress to ``log``.
+    """Run the demo; the table and the SRCC lines go to ``stdout``, progress to ``log``.
 
     ``out_dir`` holds the synthetic set and the trained head and is kept; without it they go to a
     temporary folder under DIQA_HOME/demo, removed at the end unless ``keep``.
-    Returns ``{"srcc", "n", "seconds"...}`` for callers and tests.
+    Returns ``{"srcc", "srcc_train", "n", "seconds", "work"}``.
     """
     import time
 
-    from diqa_cli.checkpoint import load_head
-    from diqa_cli.home import subdir
-    from diqa_cli.imageio import InputItem
-    from diqa_cli.models.dpiqa import DPIQA
-    from diqa_cli.scoring import score_images
-    from diqa_cli.synthetic import make_synthetic_set
-    from diqa_cli.training import correlations, train
+    import torch
 
     stdout = stdout or sys.stdout
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -87,66 +86,94 @@ def run_demo(
     tiny_root = _tiny_backbone(log)
 
     if out_dir is None:
+        from diqa_cli.home import subdir
+
         work = Path(tempfile.mkdtemp(prefix="run-", dir=subdir("demo")))
         remove = not keep
     else:
         work = Path(out_dir)
         work.mkdir(parents=True, exist_ok=True)
         remove = False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see the module docstring
     try:
-        labels = make_synthetic_set(work / "synthetic", size=DEMO_SIZE, sources=DEMO_SOURCES, seed=DEMO_SEED)
-        with labels.open(newline="") as fh:
-            records = list(csv.DictReader(fh))
-        test = {str(labels.parent / r["path"]): r for r in records if r["split"] == "test"}
-        log(
-            f"diqa demo: SYNTHETIC set {labels}: {len(records) - len(test)} training and {len(test)} held-out "
-            "images (blur, noise, JPEG, contrast at 5 levels; split by source photo)"
-        )
-        head = work / "dpiqa-tiny-demo.safetensors"
-        train(
-            "dpiqa",
-            labels,
-            backbone=str(tiny_root / "backbone"),
-            out=head,
-            epochs=epochs or DEMO_EPOCHS,
-            batch_size=DEMO_BATCH,
-            lr=DEMO_LR,
-            seed=DEMO_SEED,
-            config={**DPIQA.tiny_config(), **DEMO_HEAD},
-            device="cpu",
-            dtype="fp32",
-            offline=True,
-            log=log,
-        )
-
-        model, sidecar = load_head(head, device="cpu", dtype="fp32", offline=True)
-        scored = score_images(
-            [InputItem(path) for path in test],
-            model,
-            batch_size=DEMO_BATCH,
-            workers=2,
-            normalisation=sidecar["score_normalisation"],
-        )
-        print(f"# {DEMO_LABEL}", file=stdout)
-        print(f"{'path':<44} {'distortion':<10} {'level':>5} {'synthetic_mos':>13} {'score':>8}", file=stdout)
-        predicted, target = [], []
-        for row in scored:
-            record = test[row["path"]]
-            mos = float(record["mos"])
-            score = f"{row['score']:.4f}" if row["status"] == "ok" else "error"
-            print(f"{record['path']:<44} {record['distortion']:<10} {record['level']:>5} {mos:>13.4f} {score:>8}", file=stdout)
-            if row["status"] == "ok":
-                predicted.append(row["score"])
-                target.append(mos)
-        metrics = correlations(predicted, target)
-        print(
-            f"SRCC {metrics['srcc']:.4f} (score vs synthetic MOS = 1 - level/6, {len(predicted)} held-out images "
-            f"of unseen photos; {DEMO_LABEL})",
-            file=stdout,
-        )
-        seconds = time.perf_counter() - start
-        log(f"diqa demo: done in {seconds:.0f} s; files in {work}" if not remove else f"diqa demo: done in {seconds:.0f} s")
-        return {**metrics, "n": len(predicted), "seconds": seconds, "checkpoint": str(head), "labels": str(labels)}
+        result = _run(work, tiny_root, epochs or DEMO_EPOCHS, log, stdout)
     finally:
+        torch.set_num_threads(threads)
         if remove:
             shutil.rmtree(work, ignore_errors=True)
+    result["seconds"] = time.perf_counter() - start
+    where = "" if remove else f"; files in {work}"
+    log(f"diqa demo: done in {result['seconds']:.0f} s{where}")
+    return result
+
+
+def _run(work: Path, tiny_root: Path, epochs: int, log, stdout) -> dict[str, Any]:
+    from diqa_cli.checkpoint import load_head
+    from diqa_cli.imageio import InputItem
+    from diqa_cli.models.dpiqa import DPIQA
+    from diqa_cli.scoring import score_images
+    from diqa_cli.synthetic import make_synthetic_set
+    from diqa_cli.training import correlations, train
+
+    labels = make_synthetic_set(work / "synthetic", size=DEMO_SIZE, sources=DEMO_SOURCES, seed=DEMO_SEED)
+    with labels.open(newline="") as fh:
+        records = {str(labels.parent / r["path"]): r for r in csv.DictReader(fh)}
+    held_out = sum(r["split"] == "test" for r in records.values())
+    log(
+        f"diqa demo: SYNTHETIC set {labels}: {len(records) - held_out} training and {held_out} held-out images "
+        "(blur, noise, JPEG, contrast at 5 levels; split by source photo)"
+    )
+    head = work / "dpiqa-tiny-demo.safetensors"
+    train(
+        "dpiqa",
+        labels,
+        backbone=str(tiny_root / "backbone"),
+        out=head,
+        epochs=epochs,
+        batch_size=DEMO_BATCH,
+        lr=DEMO_LR,
+        seed=DEMO_SEED,
+        config={**DPIQA.tiny_config(), **DEMO_HEAD},
+        device="cpu",
+        dtype="fp32",
+        offline=True,
+        log=log,
+    )
+
+    model, sidecar = load_head(head, device="cpu", dtype="fp32", offline=True)
+    scored = {
+        row["path"]: row
+        for row in score_images(
+            [InputItem(path) for path in records],
+            model,
+            batch_size=DEMO_BATCH,
+            normalisation=sidecar["score_normalisation"],
+        )
+    }
+    print(f"# {DEMO_LABEL}", file=stdout)
+    print(f"{'path':<44} {'distortion':<10} {'level':>5} {'synthetic_mos':>13} {'score':>8}", file=stdout)
+    pairs = {"test": ([], []), "train": ([], [])}
+    for path, record in records.items():
+        row = scored[path]
+        mos = float(record["mos"])
+        if row["status"] == "ok":
+            pairs[record["split"]][0].append(row["score"])
+            pairs[record["split"]][1].append(mos)
+        if record["split"] == "test":
+            score = f"{row['score']:.4f}" if row["status"] == "ok" else "error"
+            print(f"{record['path']:<44} {record['distortion']:<10} {record['level']:>5} {mos:>13.4f} {score:>8}", file=stdout)
+    held = correlations(*pairs["test"])
+    seen = correlations(*pairs["train"])
+    print(
+        f"SRCC {held['srcc']:.4f} on {len(pairs['test'][0])} held-out images of unseen photos "
+        f"(score vs synthetic MOS = 1 - level/6)",
+        file=stdout,
+    )
+    print(f"SRCC {seen['srcc']:.4f} on {len(pairs['train'][0])} training images (how well the head fits)", file=stdout)
+    print(
+        f"# {DEMO_LABEL}: a random backbone has no prior to generalise from, so the held-out SRCC "
+        "is near chance; the demo shows the pipeline, not quality prediction",
+        file=stdout,
+    )
+    return {"srcc": held["srcc"], "srcc_train": seen["srcc"], "n": len(pairs["test"][0]), "work": str(work)}

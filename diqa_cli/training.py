@@ -1,7 +1,8 @@
 """Training, distillation and evaluation of quality heads on a labels CSV; SRCC / PLCC / KRCC.
 
 A labels CSV has the columns ``path`` and ``mos`` and optionally ``split`` (``train`` / ``test`` /
-anything else); relative paths are resolved against the CSV's folder.
+anything else); relative paths are resolved against the CSV's folder. The paths are images, or
+videos for a video method (GenzVQA, whose SlowFast features are computed once per video).
 
 What diqa does the same for every method, and where that departs from the released code:
 
@@ -13,7 +14,9 @@ What diqa does the same for every method, and where that departs from the releas
   AdamW with weight decay 0 is exactly the Adam DP-IQA uses). The learning rate is constant:
   DP-IQA's MultiStepLR milestones are per dataset, and a user can run again with ``--init``.
 * Seeded: parameter initialisation, batch order and any noise a method draws come from ``seed``,
-  recorded in the sidecar; the same command gives the same head.
+  recorded in the sidecar; on the CPU the same command gives the same head, tensor for tensor. On
+  CUDA it does not quite: some backward kernels (bicubic upsampling's, among others) add with
+  atomics in no fixed order (measured on an H200: weights 0.02 apart after 2 epochs of DP-IQA).
 * On half precision (``--dtype fp16|bf16``) the trainable parameters are kept in float32 and the
   forward pass runs under autocast, with a gradient scaler for fp16, as DP-IQA's released training.
 * No model selection on the test split (DP-IQA's released code keeps the epoch with the best test
@@ -64,7 +67,6 @@ class LabelRow:
     path: Path
     mos: float
     split: str | None
-    line: int  # line number in the CSV, for messages
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ def read_labels(csv_path: str | Path) -> list[LabelRow]:
             if not path.is_absolute():
                 path = csv_path.parent / path
             split = (record.get("split") or "").strip() or None if has_split else None
-            rows.append(LabelRow(path, mos, split, line))
+            rows.append(LabelRow(path, mos, split))
     if not rows:
         raise UsageError(f"{csv_path}: no rows under the header")
     return rows
@@ -180,9 +182,7 @@ class _ImageSet:
         self.workers = max(1, workers)
         self.log = log
         self.failed: dict[Path, str] = {}
-        per_image = 3 * resolution * resolution * 2
-        self.preloaded = len(rows) * per_image <= PRELOAD_BYTES
-        if self.preloaded:
+        if len(rows) * 3 * resolution * resolution * 2 <= PRELOAD_BYTES:
             pixels = self._decode(rows)
             self.rows = [r for r in rows if r.path not in self.failed]
             self.pixels = [pixels[r.path].half() for r in self.rows]
@@ -239,14 +239,12 @@ def _build(method: str, backbone, config: dict | str | None, seed: int):
 
     from diqa_cli.methods import get_method, load_model_class
 
-    spec = get_method(method)
-    cls = load_model_class(spec)
+    cls = load_model_class(get_method(method))
     if config == "tiny":
         config = cls.tiny_config()
     with torch.random.fork_rng(devices=_rng_devices(backbone.device)):
         torch.manual_seed(seed)
-        model = cls(backbone, **dict(config or {}))
-    return spec, model
+        return cls(backbone, **dict(config or {}))
 
 
 def _rng_devices(device) -> list[int]:
@@ -287,13 +285,15 @@ class _Optimiser:
         import torch
 
         names = set(model.trainable_parameter_names())
-        self.params = [p for n, p in model.named_parameters() if n in names]
+        self.params = []
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in names)  # no gradients computed for what stays frozen
+            if name in names:
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+                self.params.append(p)
         if not self.params:
             raise UsageError(f"method {model.method_name!r} has no trainable parameters")
-        for p in self.params:
-            p.requires_grad_(True)
-            if p.dtype != torch.float32:
-                p.data = p.data.float()
         self.optimiser = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.grad_clip = settings.grad_clip
         device = model.backbone.device
@@ -329,15 +329,33 @@ class _Optimiser:
             self.optimiser.step()
 
 
-def _epochs(n: int, settings: TrainingDefaults, seed: int):
-    """Yield (epoch, batch indices) with a seeded shuffle per epoch."""
+def _fit(model, data, normalisation, settings: TrainingDefaults, seed: int, optimiser, loss_of, log) -> list[float]:
+    """Epochs of mini-batches in a seeded order; ``loss_of(inputs, kept, targets)`` gives one
+    batch's loss. ``data`` has ``rows`` and ``batch(indices) -> (inputs, kept indices)``.
+    Returns the mean loss of each epoch."""
     import torch
 
     order_generator = torch.Generator().manual_seed(seed)
+    device = model.backbone.device
+    model.train()
+    losses = []
     for epoch in range(settings.epochs):
-        order = torch.randperm(n, generator=order_generator).tolist()
-        for start in range(0, n, settings.batch_size):
-            yield epoch, order[start : start + settings.batch_size]
+        total, count = 0.0, 0
+        order = torch.randperm(len(data), generator=order_generator).tolist()
+        for start in range(0, len(order), settings.batch_size):
+            inputs, kept = data.batch(order[start : start + settings.batch_size])
+            if not kept:
+                continue
+            targets = _targets(data.rows, kept, normalisation, device)
+            with optimiser.autocast():
+                loss = loss_of(inputs, kept, targets)
+            optimiser.step(loss)
+            total += float(loss.detach()) * len(kept)
+            count += len(kept)
+        losses.append(total / max(count, 1))
+        log(f"diqa: epoch {epoch + 1}/{settings.epochs} loss {losses[-1]:.5f}")
+    model.eval()
+    return losses
 
 
 def _targets(rows: list[LabelRow], indices, normalisation, device):
@@ -380,6 +398,7 @@ def train(
     device: str = "auto",
     dtype: str = "auto",
     init_checkpoint: str | Path | None = None,
+    slowfast: str | None = None,
     offline: bool = False,
     workers: int = 2,
     log: Log | None = None,
@@ -389,57 +408,62 @@ def train(
     sidecar also holds under ``training``.
 
     ``config`` is the model's constructor config (a dict, or ``"tiny"`` for ``Cls.tiny_config()``);
-    ``init_checkpoint`` continues from a saved head of the same method (its config wins).
+    ``init_checkpoint`` continues from a saved head of the same method (its config wins), or, for
+    GenzVQA, starts from a GenzIQA head (prompts and LoRA; the modulator starts fresh), the released
+    way to train it. ``backbone`` replaces the init checkpoint's backbone when both are given.
+    ``slowfast`` (video methods) names the SlowFast weights; default the config's, a relative path
+    taken from the init checkpoint's folder.
     Methods exposing ``extract_features`` / ``head_forward`` train on features computed once.
     """
     import torch
 
-    from diqa_cli.checkpoint import load_head, save_head
+    from diqa_cli.checkpoint import save_head
     from diqa_cli.methods import get_method
 
     log = log or _quiet
     spec = get_method(method)
-    if spec.input_kind != "image":
-        raise UsageError(f"diqa train reads images; method {spec.name!r} takes {spec.input_kind}s")
     rows = read_labels(labels_csv)
     split = _default_split(rows, "train")
     train_rows = select_split(rows, split, source=labels_csv)
     normalisation = _normalisation(train_rows, labels_csv)
     settings = _settings(spec.name, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
-
-    if init_checkpoint is not None:
-        model, sidecar = load_head(init_checkpoint, device=device, dtype=dtype, offline=offline)
-        if sidecar.get("method") != spec.name:
-            raise UsageError(
-                f"--init {init_checkpoint} is a {sidecar.get('method')!r} head; it cannot start {spec.name!r} training"
-            )
-    else:
-        from diqa_cli.backbone import load_backbone
-
-        bb = load_backbone(backbone or spec.default_backbone, device=device, dtype=dtype, offline=offline)
-        spec, model = _build(spec.name, bb, config, seed)
+    model = _initial_model(spec, backbone, config, seed, init_checkpoint, device, dtype, offline)
     bb = model.backbone
 
-    images = _ImageSet(train_rows, model.resolution, workers=workers, log=log)
-    if len(images) < 2:
-        raise UsageError(f"{labels_csv}: fewer than 2 readable training images; nothing to train on")
+    if spec.input_kind == "video":
+        # GenzVQA, the one video method: frames decoded per batch, SlowFast features once per video.
+        from diqa_cli.models.genzvqa import VideoTrainingSet
+
+        anchor = Path(init_checkpoint).parent if init_checkpoint is not None else None
+        extractor = _load_slowfast(model, slowfast, anchor, offline)
+        data = VideoTrainingSet(train_rows, model, extractor, log=log)
+    else:
+        data = _ImageSet(train_rows, model.resolution, workers=workers, log=log)
+    if len(data) < 2:
+        raise UsageError(f"{labels_csv}: fewer than 2 readable training {spec.input_kind}s; nothing to train on")
     log(
-        f"diqa: training {spec.name} on {len(images)} images ({len(images.failed)} unreadable), "
+        f"diqa: training {spec.name} on {len(data)} {spec.input_kind}s ({len(data.failed)} unreadable), "
         f"{settings.epochs} epochs, batch {settings.batch_size}, lr {settings.lr:g}, seed {seed}"
     )
-
     with torch.random.fork_rng(devices=_rng_devices(bb.device)):
         torch.manual_seed(seed)
         optimiser = _Optimiser(model, settings)
-        noise_generator = torch.Generator(device=bb.device).manual_seed(seed)
         if hasattr(model, "extract_features") and hasattr(model, "head_forward"):
-            losses = _train_on_features(model, images, normalisation, settings, seed, optimiser, log)
+            data = _FeatureSet(model, data, settings.batch_size, log)
+
+            def loss_of(features, kept, targets):
+                return torch.nn.functional.mse_loss(model.head_forward(features).float(), targets)
+
         else:
-            losses = _train_end_to_end(model, images, normalisation, settings, seed, optimiser, noise_generator, log)
-    model.eval()
+            noise = torch.Generator(device=bb.device).manual_seed(seed)
+
+            def loss_of(inputs, kept, targets):  # a pixel tensor, or a VideoBatch for video methods
+                return model.training_loss(inputs.to(bb.device, bb.dtype), targets, noise)
+
+        losses = _fit(model, data, normalisation, settings, seed, optimiser, loss_of, log)
 
     record = _training_record(
-        spec.name, labels_csv, settings, seed, normalisation, len(images), len(images.failed), split, losses
+        spec.name, labels_csv, settings, seed, normalisation, len(data), len(data.failed), split, losses
     )
     if init_checkpoint is not None:
         record["init_checkpoint"] = str(init_checkpoint)
@@ -450,67 +474,74 @@ def train(
     return record
 
 
-def _train_end_to_end(model, images, normalisation, settings, seed, optimiser, generator, log) -> list[float]:
-    bb = model.backbone
-    model.train()
-    epoch_losses: list[float] = []
-    running, count, current = 0.0, 0, 0
-    for epoch, indices in _epochs(len(images), settings, seed):
-        if epoch != current:
-            epoch_losses.append(running / max(count, 1))
-            log(f"diqa: epoch {current + 1}/{settings.epochs} loss {epoch_losses[-1]:.5f}")
-            running, count, current = 0.0, 0, epoch
-        pixels, kept = images.batch(indices)
-        if not kept:
-            continue
-        targets = _targets(images.rows, kept, normalisation, bb.device)
-        with optimiser.autocast():
-            loss = model.training_loss(pixels.to(bb.device, bb.dtype), targets, generator)
-        optimiser.step(loss)
-        running += float(loss.detach()) * len(kept)
-        count += len(kept)
-    epoch_losses.append(running / max(count, 1))
-    log(f"diqa: epoch {current + 1}/{settings.epochs} loss {epoch_losses[-1]:.5f}")
-    return epoch_losses
+def _initial_model(spec, backbone, config, seed, init_checkpoint, device, dtype, offline):
+    """A fresh model, or one that starts from ``init_checkpoint``."""
+    from diqa_cli.checkpoint import load_head, read_sidecar
+
+    if init_checkpoint is None:
+        from diqa_cli.backbone import load_backbone
+
+        bb = load_backbone(backbone or spec.default_backbone, device=device, dtype=dtype, offline=offline)
+        return _build(spec.name, bb, config, seed)
+    trained = read_sidecar(init_checkpoint).get("method")
+    if trained == spec.name:
+        return load_head(init_checkpoint, device=device, dtype=dtype, offline=offline, backbone_ref=backbone)[0]
+    from diqa_cli.methods import load_model_class
+
+    cls = load_model_class(spec)
+    if not (hasattr(cls, "load_image_checkpoint") and trained == "genziqa"):
+        raise UsageError(f"--init {init_checkpoint} is a {trained!r} head; it cannot start {spec.name!r} training")
+    from safetensors.torch import load_file
+
+    image_head, _ = load_head(init_checkpoint, device=device, dtype=dtype, offline=offline, backbone_ref=backbone)
+    model = _build(spec.name, image_head.backbone, config, seed)
+    model.load_image_checkpoint(load_file(str(init_checkpoint)))
+    return model
 
 
-def _train_on_features(model, images, normalisation, settings, seed, optimiser, log) -> list[float]:
-    """Frozen features once per image, then epochs of the head alone on them."""
+def _load_slowfast(model, ref, anchor, offline):
     import torch
 
-    bb = model.backbone
-    model.eval()
-    features, kept_all = [], []
-    for start in range(0, len(images), settings.batch_size):
-        pixels, kept = images.batch(list(range(start, min(start + settings.batch_size, len(images)))))
-        if not kept:
-            continue
-        # No autocast here: the method runs its frozen features in its own precision.
-        feats = model.extract_features(pixels.to(bb.device, bb.dtype))
-        features.append(_tree_map(lambda t: t.detach().float(), feats))
-        kept_all.extend(kept)
-    log(f"diqa: features computed once for {len(kept_all)} images")
-    features = _tree_cat(features)
-    targets_all = _targets(images.rows, kept_all, normalisation, bb.device)
+    from diqa_cli.models.slowfast import load_slowfast
 
-    model.train()
-    epoch_losses: list[float] = []
-    running, count, current = 0.0, 0, 0
-    for epoch, positions in _epochs(len(kept_all), settings, seed):
-        if epoch != current:
-            epoch_losses.append(running / count)
-            running, count, current = 0.0, 0, epoch
-        index = torch.tensor(positions, device=bb.device)
-        with optimiser.autocast():
-            batch = _tree_map(lambda t: t.index_select(0, index.to(t.device)), features)
-            scores = model.head_forward(batch).float()
-        loss = torch.nn.functional.mse_loss(scores, targets_all[index])
-        optimiser.step(loss)
-        running += float(loss.detach()) * len(positions)
-        count += len(positions)
-    epoch_losses.append(running / count)
-    log(f"diqa: {settings.epochs} epochs on cached features, last loss {epoch_losses[-1]:.5f}")
-    return epoch_losses
+    bb = model.backbone
+    return load_slowfast(
+        ref or model.config["slowfast"],
+        device=bb.device,
+        # SlowFast is cheap beside the U-Net: half precision only where the U-Net runs in it on a GPU.
+        dtype=bb.dtype if bb.device.type == "cuda" else torch.float32,
+        offline=offline,
+        relative_to=anchor if ref is None else None,
+    )
+
+
+class _FeatureSet:
+    """Frozen features of every readable training image, computed once (methods exposing
+    ``extract_features``), with the ``rows`` / ``batch`` interface :func:`_fit` reads."""
+
+    def __init__(self, model, images: _ImageSet, batch_size: int, log: Log):
+        bb = model.backbone
+        model.eval()
+        features, self.rows = [], []
+        for start in range(0, len(images), batch_size):
+            pixels, kept = images.batch(list(range(start, min(start + batch_size, len(images)))))
+            if not kept:
+                continue
+            # No autocast here: the method runs its frozen features in its own precision.
+            features.append(_tree_map(lambda t: t.detach().float(), model.extract_features(pixels.to(bb.device, bb.dtype))))
+            self.rows.extend(images.rows[i] for i in kept)
+        self.features = _tree_cat(features)
+        self.failed = images.failed
+        log(f"diqa: features computed once for {len(self.rows)} images")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices):
+        import torch
+
+        index = torch.tensor(indices)
+        return _tree_map(lambda t: t.index_select(0, index.to(t.device)), self.features), list(indices)
 
 
 def _tree_map(fn, tree):
@@ -578,7 +609,7 @@ def distill(
         "dpiqa-student", epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_clip=None
     )
     bb = teacher.backbone
-    spec, student = _build("dpiqa-student", bb, config, seed)
+    student = _build("dpiqa-student", bb, config, seed)
 
     teacher_images = _ImageSet(train_rows, teacher.resolution, workers=workers, log=log)
     maps, readable = [], []
@@ -597,43 +628,27 @@ def distill(
     log(f"diqa: teacher maps computed once for {len(readable)} images")
 
     images = _ImageSet(readable, student.resolution, workers=workers, log=log)
-    if len(images) != len(readable):
-        raise UsageError("an image decoded for the teacher failed for the student; re-run to retry")
+    if len(images) != len(readable):  # the teacher maps are matched to the images by position
+        raise UsageError(f"{labels_csv}: images changed on disk while distilling (read for the teacher, not for the student)")
     if len(images) < 2:
         raise UsageError(f"{labels_csv}: fewer than 2 readable training images; nothing to distil on")
     log(
-        f"diqa: distilling {teacher_checkpoint} into {spec.name} on {len(images)} images, "
+        f"diqa: distilling {teacher_checkpoint} into {student.method_name} on {len(images)} images, "
         f"{settings.epochs} epochs, batch {settings.batch_size}, lr {settings.lr:g}, seed {seed}"
     )
 
-    losses: list[float] = []
+    def loss_of(pixels, kept, targets):
+        scores, student_maps = student.forward_with_map(pixels.to(bb.device, bb.dtype))
+        matched = torch.nn.functional.mse_loss(student_maps.float(), teacher_maps[kept].to(bb.device))
+        return torch.nn.functional.mse_loss(scores.float(), targets) + matched
+
     with torch.random.fork_rng(devices=_rng_devices(bb.device)):
         torch.manual_seed(seed)
         optimiser = _Optimiser(student, settings)
-        student.train()
-        running, count, current = 0.0, 0, 0
-        for epoch, indices in _epochs(len(images), settings, seed):
-            if epoch != current:
-                losses.append(running / count)
-                log(f"diqa: epoch {current + 1}/{settings.epochs} loss {losses[-1]:.5f}")
-                running, count, current = 0.0, 0, epoch
-            pixels, kept = images.batch(indices)
-            targets = _targets(images.rows, kept, normalisation, bb.device)
-            target_maps = teacher_maps[kept].to(bb.device)
-            with optimiser.autocast():
-                scores, student_maps = student.forward_with_map(pixels.to(bb.device, bb.dtype))
-                loss = torch.nn.functional.mse_loss(scores.float(), targets) + torch.nn.functional.mse_loss(
-                    student_maps.float(), target_maps
-                )
-            optimiser.step(loss)
-            running += float(loss.detach()) * len(kept)
-            count += len(kept)
-        losses.append(running / count)
-        log(f"diqa: epoch {current + 1}/{settings.epochs} loss {losses[-1]:.5f}")
-    student.eval()
+        losses = _fit(student, images, normalisation, settings, seed, optimiser, loss_of, log)
 
     record = _training_record(
-        spec.name, labels_csv, settings, seed, normalisation, len(images), n_failed, split, losses
+        student.method_name, labels_csv, settings, seed, normalisation, len(images), n_failed, split, losses
     )
     record["distilled_from"] = {"checkpoint": str(teacher_checkpoint), "method": "dpiqa"}
     out = Path(out)
@@ -652,6 +667,7 @@ def evaluate(
     *,
     split: str | None = None,
     backbone: str | None = None,
+    slowfast: str | None = None,
     batch_size: int = 8,
     workers: int = 2,
     device: str = "auto",
@@ -660,35 +676,36 @@ def evaluate(
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Score the rows of ``split`` (default: ``test`` when the CSV has a split column, else every
-    row) with the normal scoring pipeline and correlate the reported scores with the MOS.
+    row) with the normal scoring pipeline (``diqa score``'s, or ``diqa score-video``'s for video
+    methods) and correlate the reported scores with the MOS.
 
-    Returns ``srcc``, ``plcc`` (no logistic fit), ``krcc``, ``n`` (images scored) and ``n_failed``.
+    Returns ``srcc``, ``plcc`` (no logistic fit), ``krcc``, ``n`` (inputs scored) and ``n_failed``.
     """
     from diqa_cli.checkpoint import load_head
     from diqa_cli.imageio import InputItem
-    from diqa_cli.scoring import score_images
 
     log = log or _quiet
     rows = read_labels(labels_csv)
     if split is None:
         split = _default_split(rows, "test")
     chosen = select_split(rows, split, source=labels_csv)
-    bb = None
-    if backbone is not None:
-        from diqa_cli.backbone import load_backbone
-
-        bb = load_backbone(backbone, device=device, dtype=dtype, offline=offline)
-    model, sidecar = load_head(checkpoint, backbone=bb, device=device, dtype=dtype, offline=offline)
+    model, sidecar = load_head(checkpoint, device=device, dtype=dtype, offline=offline, backbone_ref=backbone)
     model.eval()
+    items = [InputItem(str(r.path)) for r in chosen]
+    normalisation = sidecar["score_normalisation"]
+    if model.spec.input_kind == "video":
+        from diqa_cli.models.genzvqa import score_videos
+
+        extractor = _load_slowfast(model, slowfast, Path(checkpoint).parent, offline)
+        model.check_slowfast(extractor)
+        scored = score_videos(items, model, extractor, normalisation=normalisation, batch_size=batch_size)
+    else:
+        from diqa_cli.scoring import score_images
+
+        scored = score_images(items, model, batch_size=batch_size, workers=workers, normalisation=normalisation)
     mos_by_path = {str(r.path): r.mos for r in chosen}
     predicted, target, failed = [], [], 0
-    for row in score_images(
-        [InputItem(str(r.path)) for r in chosen],
-        model,
-        batch_size=batch_size,
-        workers=workers,
-        normalisation=sidecar.get("score_normalisation"),
-    ):
+    for row in scored:
         if row.get("status") == "ok" and row.get("score") is not None:
             predicted.append(row["score"])
             target.append(mos_by_path[row["path"]])

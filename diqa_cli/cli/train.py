@@ -52,13 +52,14 @@ def register(app: typer.Typer) -> None:
         grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="gradient-norm clip, 0 for none (default: the method's)"),
         seed: int = typer.Option(0, "--seed", help="seeds initialisation, batch order and noise; recorded in the sidecar"),
         config: Optional[str] = typer.Option(None, "--config", help=_CONFIG_HELP),
-        init: Optional[Path] = typer.Option(None, "--init", help="continue from this head checkpoint (same method)"),
+        init: Optional[Path] = typer.Option(None, "--init", help="start from this head checkpoint (same method; for genzvqa, a genziqa head)"),
+        slowfast: Optional[str] = typer.Option(None, "--slowfast", help="video methods: SlowFast weights (default: the config's)"),
         device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
         workers: int = typer.Option(2, "--workers", help="image-decoding threads"),
         offline: bool = typer.Option(False, "--offline", help="never touch the network"),
     ) -> None:
-        """Train a quality head on a labels CSV and save it with its sidecar."""
+        """Train a quality head on a labels CSV (images, or videos for genzvqa) and save it with its sidecar."""
         from diqa_cli.training import train
 
         train(
@@ -76,6 +77,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             dtype=dtype,
             init_checkpoint=init,
+            slowfast=slowfast,
             offline=offline_requested(offline),
             workers=workers,
             log=_log,
@@ -125,6 +127,7 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(..., "--data", help="labels CSV: path,mos[,split]"),
         split: Optional[str] = typer.Option(None, "--split", help="rows to use: default 'test' when the CSV has a split column; 'all' for every row"),
         backbone: Optional[str] = typer.Option(None, "--backbone", help="replace the backbone the sidecar names"),
+        slowfast: Optional[str] = typer.Option(None, "--slowfast", help="video methods: replace the SlowFast weights the sidecar names"),
         batch_size: int = typer.Option(8, "--batch-size"),
         workers: int = typer.Option(2, "--workers", help="image-decoding threads"),
         device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
@@ -142,6 +145,7 @@ def register(app: typer.Typer) -> None:
             data,
             split=split,
             backbone=backbone,
+            slowfast=slowfast,
             batch_size=batch_size,
             workers=workers,
             device=device,
