@@ -14,11 +14,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from diqa_cli.atomic import atomic_write
 from diqa_cli.errors import UsageError, WeightsError
 
 __all__ = ["SIDECAR_FORMAT", "save_head", "read_sidecar", "load_head", "released_sidecar", "sidecar_path"]
@@ -43,29 +43,6 @@ _SIDECAR_KEYS = (
 
 def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename it over ``path``, so a
-    reader never sees half a checkpoint and an interrupted save leaves the old one intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp (and safetensors itself) create files private to the user; a checkpoint gets
-        # the permissions any other new file would (umask applied), so it can be shared.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _normalisation(normalisation: dict) -> dict[str, float]:
@@ -114,8 +91,8 @@ def save_head(model, path: str | os.PathLike, *, normalisation: dict, extra: dic
     text = json.dumps(sidecar, indent=2, sort_keys=False) + "\n"  # fails early if config isn't JSON
     state = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_state_dict().items()}
     metadata = {"format": "pt", "diqa_format": SIDECAR_FORMAT, "method": model.method_name}
-    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
-    _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 

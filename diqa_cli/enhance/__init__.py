@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from diqa_cli.atomic import atomic_write
 from diqa_cli.errors import InputError, UsageError
 
 __all__ = [
@@ -293,7 +293,7 @@ def save_atomic(image: Image.Image, path: str | os.PathLike, *, info: dict | Non
     options = dict(info or {})
     if fmt in _LOSSY_QUALITY:
         options["quality"] = _LOSSY_QUALITY[fmt]
-    _atomic(path, lambda tmp: image.save(tmp, format=fmt, **options))
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **options))
     return path
 
 
@@ -301,28 +301,8 @@ def write_report(path: str | os.PathLike, record: dict) -> Path:
     """Write the run's JSON report atomically (replacing an older report)."""
     path = Path(path)
     text = json.dumps(record, indent=2) + "\n"
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
-
-
-def _atomic(path: Path, write) -> None:
-    """``write(tmp)`` to a temporary name in ``path``'s folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; an output is an ordinary one
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # --------------------------------------------------------------------------- one file
