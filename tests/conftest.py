@@ -30,6 +30,26 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("DIQA_OFFLINE", "1")
 
 
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """The console entry point in this process: ``run_main(args, home=None) -> (code, stdout,
+    stderr)``; ``home`` points DIQA_HOME elsewhere for that run."""
+    import sys
+
+    from diqa_cli.cli import main
+
+    def run(args, home=None):
+        if home is not None:
+            monkeypatch.setenv("DIQA_HOME", home)
+        monkeypatch.setattr(sys, "argv", ["diqa", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(_session_home, tmp_path_factory):
     """A folder holding ``backbone/``, ``backbone.safetensors`` and ``clip/`` (diqa_cli.tiny)."""

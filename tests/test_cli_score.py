@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from diqa_cli.cli import main
 from diqa_cli.scoring import score_images
 from test_checkpoint import LatentConv, latent_conv_method  # noqa: F401 - fixture
 
@@ -93,21 +92,6 @@ def head_args(bundle, fmt):
 def run_cli(args, env, **kwargs):
     return subprocess.run([*DIQA, *args], env=env, capture_output=True, text=True, timeout=300, **kwargs)
 
-
-@pytest.fixture
-def run_main(monkeypatch, capsys):
-    """Runs the console entry point in this process: ``run_main(args) -> (code, stdout, stderr)``."""
-
-    def run(args, home=None):
-        if home is not None:
-            monkeypatch.setenv("DIQA_HOME", home)
-        monkeypatch.setattr(sys, "argv", ["diqa", *args])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        out, err = capsys.readouterr()
-        return exit_info.value.code, out, err
-
-    return run
 
 
 # --- end to end, in a subprocess -----------------------------------------------------------------

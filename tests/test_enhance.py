@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from diqa_cli.cli import main
 from diqa_cli.enhance import OutputPlan, enhance_file, plan_outputs
 from diqa_cli.enhance.edict import (
     ddim_schedule,
@@ -82,19 +80,6 @@ def calibrated_prior(tiny_dir, dpiqa_head, tiny_pixels):
     model, sidecar = load_head(dpiqa_head, backbone=backbone, device="cpu", dtype="fp32")
     return QualityPrior(model, sidecar["score_normalisation"])
 
-
-@pytest.fixture
-def run_main(monkeypatch, capsys):
-    """The console entry point in this process: ``run_main(args) -> (code, stdout, stderr)``."""
-
-    def run(args):
-        monkeypatch.setattr(sys, "argv", ["diqa", *args])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        out, err = capsys.readouterr()
-        return exit_info.value.code, out, err
-
-    return run
 
 
 def cli_args(dpiqa_head, *extra):

@@ -7,7 +7,6 @@ import csv
 import hashlib
 import io
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -379,19 +378,6 @@ def cli_inputs(tmp_path_factory, videos):
             container.mux(packet)
     return [videos["h264"], str(audio), str(damaged)]
 
-
-@pytest.fixture
-def run_main(monkeypatch, capsys):
-    from diqa_cli.cli import main
-
-    def run(args):
-        monkeypatch.setattr(sys, "argv", ["diqa", *args])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        out, err = capsys.readouterr()
-        return exit_info.value.code, out, err
-
-    return run
 
 
 def video_args(bundle, fmt, *extra):

@@ -17,7 +17,7 @@ import pytest
 from diqa_cli.engines import LocalEngine, ScorerOptions
 from diqa_cli.imageio import expand_inputs
 from diqa_cli.store import ReuseRun, open_store
-from test_store import head, model_home, run_main  # noqa: F401 - fixtures
+from test_store import head, model_home  # noqa: F401 - fixtures
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install 'diqa-cli[ray]')"

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from diqa_cli.cli import main
 from diqa_cli.engines import LocalEngine, ScorerOptions
 from diqa_cli.errors import UsageError
 from diqa_cli.store import (
@@ -115,21 +114,6 @@ def _settings(method="dpiqa", **changes) -> ScoreSettings:
     )
     return ScoreSettings(**{**base, **changes})
 
-
-@pytest.fixture
-def run_main(monkeypatch, capsys):
-    """The console entry point in this process: ``run_main(args) -> (code, stdout, stderr)``."""
-
-    def run(args, home=None):
-        if home is not None:
-            monkeypatch.setenv("DIQA_HOME", home)
-        monkeypatch.setattr(sys, "argv", ["diqa", *args])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        out, err = capsys.readouterr()
-        return exit_info.value.code, out, err
-
-    return run
 
 
 # --- schema and migrations -----------------------------------------------------------------------
