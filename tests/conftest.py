@@ -67,6 +67,56 @@ def tiny_backbone(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def unit_latent_backbone_dir(tiny_dir, tiny_pixels, tmp_path_factory):
+    """A copy of the tiny folder whose backbone (the diffusers folder returned) has a VAE scaling
+    factor that gives latents of unit variance, as SD's 0.18215 does for SD's own VAE. The shipped
+    tiny config keeps SD's number, which leaves the random VAE's latents at std ~0.03: at the low timesteps the methods
+    train on, the added noise then drowns the image, so tests that need a prior to respond to
+    image content use this copy."""
+    import json
+    import shutil
+
+    import torch
+
+    from diqa_cli.backbone import load_backbone
+
+    # The whole tiny folder: DP-IQA heads find the CLIP tower beside the backbone.
+    root = tmp_path_factory.mktemp("unit_latent") / "tiny"
+    shutil.copytree(tiny_dir, root)
+    folder = root / "backbone"
+    backbone = load_backbone(str(folder), device="cpu", dtype="fp32", offline=True)
+    with torch.no_grad():
+        spread = backbone.vae.encode(tiny_pixels(4) * 2 - 1).latent_dist.mean.std()
+    config_path = folder / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["scaling_factor"] = round(float(1 / spread), 4)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_home(_session_home):
+    """The DIQA_HOME of session and module fixtures, where loading a head caches its prompt
+    embeddings; CLI runs in a test point at it so they do not embed the prompts again."""
+    return os.environ["DIQA_HOME"]
+
+
+@pytest.fixture(scope="session")
+def dpiqa_head(tiny_backbone, tmp_path_factory):
+    """A tiny DP-IQA head saved as `diqa weights tiny` saves it (same seed), with its sidecar."""
+    import torch
+
+    from diqa_cli.checkpoint import save_head
+    from diqa_cli.models.dpiqa import DPIQA
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        model = DPIQA(tiny_backbone, **DPIQA.tiny_config())
+    path = tmp_path_factory.mktemp("heads") / "dpiqa.safetensors"
+    return save_head(model, path, normalisation={"offset": 0.0, "scale": 1.0})
+
+
+@pytest.fixture(scope="session")
 def tiny_images():
     """``tiny_images(n, size=64)``: n distinct RGB PIL images cut from scikit-image's photos
     (cycling through them, each later round cropped differently), resized to size x size."""

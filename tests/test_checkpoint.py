@@ -98,6 +98,18 @@ def test_safetensors_holds_only_the_head_and_names_its_method(saved_head):
         assert sorted(f.keys()) == ["conv.bias", "conv.weight", "out.bias", "out.weight"]
 
 
+def test_saving_the_same_head_again_gives_the_same_bytes(saved_head, tmp_path):
+    """Identical heads hash identically (safetensors alone writes its metadata in a random order)."""
+    import hashlib
+
+    model, path = saved_head
+    digests = set()
+    for i in range(8):
+        again = save_head(model, tmp_path / f"again{i}.safetensors", normalisation={"offset": 2.5, "scale": 4.0})
+        digests.add(hashlib.sha256(again.read_bytes()).hexdigest())
+    assert digests == {hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def test_round_trip_gives_identical_scores(saved_head, tiny_backbone, tiny_pixels):
     model, path = saved_head
     loaded, sidecar = load_head(path, backbone=tiny_backbone)

@@ -9,7 +9,8 @@ Everything runs on the tiny random backbone. Two facts about random networks sha
   gradient use one step, where the objective is smooth.
 * The tiny VAE keeps SD's scaling factor (0.18215), which leaves its latents at std ~0.03; the
   U-Net's group norms then amplify small perturbations a hundredfold. SD's factor was chosen to
-  give unit-variance latents, so the optimisation tests recalibrate it the same way.
+  give unit-variance latents, so the optimisation tests use the recalibrated copy
+  ``unit_latent_backbone_dir`` (conftest).
 """
 
 from __future__ import annotations
@@ -54,29 +55,13 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def dpiqa_head(tiny_dir, tiny_backbone, tmp_path_factory):
-    """A tiny DP-IQA head saved as `diqa weights tiny` saves it (same seed), with its sidecar."""
-    from diqa_cli.checkpoint import save_head
-    from diqa_cli.models.dpiqa import DPIQA
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(4)
-        model = DPIQA(tiny_backbone, **DPIQA.tiny_config())
-    path = tmp_path_factory.mktemp("heads") / "dpiqa.safetensors"
-    return save_head(model, path, normalisation={"offset": 0.0, "scale": 1.0})
-
-
-@pytest.fixture(scope="module")
-def calibrated_prior(tiny_dir, dpiqa_head, tiny_pixels):
-    """The DP-IQA head on its own copy of the tiny backbone whose VAE scaling factor gives
+def calibrated_prior(unit_latent_backbone_dir, dpiqa_head):
+    """The DP-IQA head on the copy of the tiny backbone whose VAE scaling factor gives
     unit-variance latents (see the module docstring)."""
     from diqa_cli.backbone import load_backbone
     from diqa_cli.checkpoint import load_head
 
-    backbone = load_backbone(str(tiny_dir / "backbone"), device="cpu", dtype="fp32", offline=True)
-    with torch.no_grad():
-        spread = backbone.vae.encode(tiny_pixels(4) * 2 - 1).latent_dist.mean.std()
-    backbone.vae.register_to_config(scaling_factor=float(1 / spread))
+    backbone = load_backbone(str(unit_latent_backbone_dir), device="cpu", dtype="fp32", offline=True)
     model, sidecar = load_head(dpiqa_head, backbone=backbone, device="cpu", dtype="fp32")
     return QualityPrior(model, sidecar["score_normalisation"])
 

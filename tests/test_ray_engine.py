@@ -17,7 +17,6 @@ import pytest
 from diqa_cli.engines import LocalEngine, ScorerOptions
 from diqa_cli.imageio import expand_inputs
 from diqa_cli.store import ReuseRun, open_store
-from test_store import head, model_home  # noqa: F401 - fixtures
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install 'diqa-cli[ray]')"
@@ -29,7 +28,7 @@ def _options(head) -> ScorerOptions:
 
 
 @pytest.fixture(scope="module")
-def ray_instance(head, model_home):
+def ray_instance(dpiqa_head, model_home):
     """diqa's own local Ray instance; its workers inherit the module's DIQA_HOME, where the
     head's prompt embeddings are cached."""
     from diqa_cli.engines.ray_engine import connect
@@ -42,8 +41,8 @@ def ray_instance(head, model_home):
 
 
 @pytest.fixture(scope="module")
-def local(head, model_home):
-    with LocalEngine(_options(head)) as engine:
+def local(dpiqa_head, model_home):
+    with LocalEngine(_options(dpiqa_head)) as engine:
         yield engine
 
 
@@ -89,13 +88,13 @@ def _loopback(ip: str) -> bool:
 
 
 @needs_ray
-def test_score_dataset_gives_the_single_process_rows(ray_instance, head, local, inputs):
+def test_score_dataset_gives_the_single_process_rows(ray_instance, dpiqa_head, local, inputs):
     from diqa_cli.engines.ray_engine import ROW_COLUMNS, score_dataset
 
     reference = list(local.score(inputs))
     # A user's own dataset, with its own column name; actors return rows in any order.
     ds = ray_instance.data.from_items([{"file": item.path} for item in inputs if item.error is None])
-    rows = score_dataset(ds, _options(head), actors=2, path_column="file", rows_per_call=3).take_all()
+    rows = score_dataset(ds, _options(dpiqa_head), actors=2, path_column="file", rows_per_call=3).take_all()
     assert all(set(row) == set(ROW_COLUMNS) for row in rows)
     by_path = {row["path"]: row for row in rows}
     assert len(by_path) == len(rows) == len(inputs) - 1  # every input once
@@ -104,13 +103,13 @@ def test_score_dataset_gives_the_single_process_rows(ray_instance, head, local, 
 
 
 @needs_ray
-def test_ray_engine_reuses_stored_results_and_scores_the_rest_in_order(ray_instance, head, local, inputs, tmp_path):
+def test_ray_engine_reuses_stored_results_and_scores_the_rest_in_order(ray_instance, dpiqa_head, local, inputs, tmp_path):
     from diqa_cli.engines.ray_engine import RayEngine
 
     reference = list(local.score(inputs))
     with open_store(tmp_path / "scores.sqlite") as store:
         list(ReuseRun(inputs[:2], local, store))  # a single-process run scored two files before
-        with RayEngine(_options(head), actors=2) as engine:
+        with RayEngine(_options(dpiqa_head), actors=2) as engine:
             assert engine.settings() == local.settings()  # the actors' settings key the same results
             run = ReuseRun(inputs, engine, store)
             rows = list(run)
@@ -122,11 +121,11 @@ def test_ray_engine_reuses_stored_results_and_scores_the_rest_in_order(ray_insta
     assert ray_instance.is_initialized()  # the engine left the instance it did not start running
 
 
-def test_without_ray_the_engine_says_how_to_install_it(head, monkeypatch, run_main):  # noqa: F811
+def test_without_ray_the_engine_says_how_to_install_it(dpiqa_head, monkeypatch, run_main):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
-    code, out, err = run_main(["score", "--engine", "ray", "--checkpoint", str(head), str(head)])
+    code, out, err = run_main(["score", "--engine", "ray", "--checkpoint", str(dpiqa_head), str(dpiqa_head)])
     assert code == 2 and out == ""
     assert "--engine ray needs Ray Data" in err and "pip install 'diqa-cli[ray]'" in err
 
-    code, _, err = run_main(["score", "--ray-actors", "2", "--checkpoint", str(head), str(head)])
+    code, _, err = run_main(["score", "--ray-actors", "2", "--checkpoint", str(dpiqa_head), str(dpiqa_head)])
     assert code == 2 and "--ray-address and --ray-actors need --engine ray" in err

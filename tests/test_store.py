@@ -38,46 +38,24 @@ DIQA = str(Path(sys.executable).with_name("diqa"))
 # --- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_home():
-    """The DIQA_HOME of module fixtures (the session's), where loading the head caches the
-    prompt embeddings; CLI runs in a test point at it so they do not embed the prompts again."""
-    return os.environ["DIQA_HOME"]
-
-
-@pytest.fixture(scope="module")
-def head(tiny_backbone, tmp_path_factory):
-    """A DP-IQA head on the tiny backbone, saved as `diqa weights tiny` saves its heads."""
-    from diqa_cli.checkpoint import save_head
-    from diqa_cli.methods import get_method, load_model_class
-
-    cls = load_model_class(get_method("dpiqa"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(4)
-        model = cls(tiny_backbone, **cls.tiny_config())
-    path = tmp_path_factory.mktemp("store_head") / "dpiqa.safetensors"
-    save_head(model, path, normalisation={"offset": 0.0, "scale": 1.0}, extra={})
-    return path
-
-
 def _options(head, **overrides) -> ScorerOptions:
     return ScorerOptions(checkpoint=str(head), device="cpu", dtype="fp32", offline=True, batch_size=2, **overrides)
 
 
 @pytest.fixture(scope="module")
-def engine(head, model_home):
-    with LocalEngine(_options(head)) as loaded:
+def engine(dpiqa_head, model_home):
+    with LocalEngine(_options(dpiqa_head)) as loaded:
         yield loaded
 
 
 @pytest.fixture(scope="module")
-def recalibrated_engine(head, model_home, tmp_path_factory):
+def recalibrated_engine(dpiqa_head, model_home, tmp_path_factory):
     """The same head weights with another score normalisation in the sidecar."""
     from diqa_cli.checkpoint import sidecar_path
 
-    other = tmp_path_factory.mktemp("recalibrated") / head.name
-    shutil.copy(head, other)
-    sidecar = json.loads(sidecar_path(head).read_text())
+    other = tmp_path_factory.mktemp("recalibrated") / dpiqa_head.name
+    shutil.copy(dpiqa_head, other)
+    sidecar = json.loads(sidecar_path(dpiqa_head).read_text())
     sidecar["score_normalisation"] = {"offset": 1.0, "scale": 1.0}
     sidecar_path(other).write_text(json.dumps(sidecar))
     with LocalEngine(_options(other)) as loaded:
@@ -277,9 +255,9 @@ def test_two_processes_writing_one_database_at_once(tmp_path):
 # --- the command line ----------------------------------------------------------------------------
 
 
-def test_score_with_db_reports_reuse_and_db_commands_read_it_back(head, photos, tmp_path, model_home, run_main):
+def test_score_with_db_reports_reuse_and_db_commands_read_it_back(dpiqa_head, photos, tmp_path, model_home, run_main):
     db = str(tmp_path / "scores.sqlite")
-    args = ["score", "--checkpoint", str(head), "--device", "cpu", "--dtype", "fp32", "--db", db, "-f", "jsonl"]
+    args = ["score", "--checkpoint", str(dpiqa_head), "--device", "cpu", "--dtype", "fp32", "--db", db, "-f", "jsonl"]
     inputs = [photos[0], photos[1], photos[4]]  # two good files and the corrupt one
     code, out, err = run_main([*args, *inputs], home=model_home)
     assert code == 3

@@ -8,12 +8,12 @@ bar only when stderr is a terminal. torch is imported once scoring starts, never
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
 import typer
 
+from diqa_cli.cli._terminal import progress_bar, same_terminal, tell
 from diqa_cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from diqa_cli.output import FORMATS, columns_for, default_format, open_writer, rich_console
 
@@ -156,8 +156,8 @@ def _write_rows(items, rows, spec, checkpoint, fmt: str, *, cached_column: bool)
     failed = 0
     # With --db, JSON rows say whether they were reused from it.
     columns = (*columns_for(fmt), "cached") if cached_column and fmt in ("json", "jsonl") else columns_for(fmt)
-    with _progress(len(items)) as progress:
-        stdout_console = progress.console if progress is not None and _same_terminal() else None
+    with progress_bar(len(items)) as progress:
+        stdout_console = progress.console if progress is not None and same_terminal() else None
         path_width = max((len(str(item.path)) for item in items), default=4)
         # A closed pipe (`| head -1`) ends here too: diqa_cli.cli turns it into a quiet exit 141.
         with open_writer(
@@ -169,57 +169,11 @@ def _write_rows(items, rows, spec, checkpoint, fmt: str, *, cached_column: bool)
                     row.update(context)
                     if row["status"] != "ok":
                         failed += 1
-                        _tell(progress, f"diqa: {row['path']}: {row['error']}")
+                        tell(progress, f"diqa: {row['path']}: {row['error']}")
                     writer.write(row)
                     if progress is not None:
                         progress.advance(progress.task_ids[0])
     return failed
-
-
-def _same_terminal() -> bool:
-    """stdout and stderr are the same terminal (so table rows must not tear through the bar)."""
-    try:
-        return (
-            sys.stdout.isatty()
-            and sys.stderr.isatty()
-            and os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
-        )
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-@contextlib.contextmanager
-def _progress(total: int):
-    """A rich progress bar on stderr while it is a terminal, else nothing (``None``)."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn("scoring"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        # rich would otherwise capture sys.stdout into the (stderr) bar console: data must stay on stdout.
-        redirect_stdout=False,
-        redirect_stderr=False,
-    )
-    progress.add_task("scoring", total=total)
-    with progress:
-        yield progress
-
-
-def _tell(progress, message: str) -> None:
-    """One line for a person on stderr, printed above the progress bar when there is one."""
-    if progress is not None:
-        progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
-    else:
-        print(message, file=sys.stderr, flush=True)
 
 
 def methods(

@@ -92,7 +92,7 @@ def score_video(
     Exit status: 0 every video scored, 3 some failed (each has an error row and a line on stderr),
     2 usage error, 1 fatal (weights missing, bad checkpoint), 130 interrupted.
     """
-    from diqa_cli.cli.score import _progress, _same_terminal, _tell
+    from diqa_cli.cli._terminal import progress_bar, same_terminal, tell
     from diqa_cli.home import offline_requested
     from diqa_cli.methods import get_method
     from diqa_cli.videoio import DECODERS, VIDEO_EXTENSIONS
@@ -152,8 +152,8 @@ def score_video(
     context = {"checkpoint": str(checkpoint) if checkpoint is not None else None}
 
     failed = 0
-    with _progress(len(items)) as progress:
-        stdout_console = progress.console if progress is not None and _same_terminal() else None
+    with progress_bar(len(items)) as progress:
+        stdout_console = progress.console if progress is not None and same_terminal() else None
         path_width = max((len(str(item.path)) for item in items), default=4)
         try:
             with open_writer(
@@ -169,9 +169,9 @@ def score_video(
                         row.update(context)
                         if row["status"] != "ok":
                             failed += 1
-                            _tell(progress, f"diqa: {row['path']}: {row['error']}")
+                            tell(progress, f"diqa: {row['path']}: {row['error']}")
                         elif row.get("frames_lost"):
-                            _tell(progress, f"diqa: {row['path']}: {row['frames_lost']} of {row['frames_sampled']} "
+                            tell(progress, f"diqa: {row['path']}: {row['frames_lost']} of {row['frames_sampled']} "
                                             "chosen frames did not decode; scored on the rest")
                         writer.write(row)
                         if progress is not None:

@@ -1,0 +1,54 @@
+"""The terminal side of the commands that stream rows: a progress bar and messages on stderr,
+kept out of the way of the data on stdout."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+
+def same_terminal() -> bool:
+    """stdout and stderr are the same terminal (so table rows must not tear through the bar)."""
+    try:
+        return (
+            sys.stdout.isatty()
+            and sys.stderr.isatty()
+            and os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def progress_bar(total: int):
+    """A rich progress bar on stderr while it is a terminal, else nothing (``None``)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        # rich would otherwise capture sys.stdout into the (stderr) bar console: data must stay on stdout.
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
+    progress.add_task("scoring", total=total)
+    with progress:
+        yield progress
+
+
+def tell(progress, message: str) -> None:
+    """One line for a person on stderr, printed above the progress bar when there is one."""
+    if progress is not None:
+        progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
+    else:
+        print(message, file=sys.stderr, flush=True)
