@@ -22,7 +22,7 @@ import numpy as np
 
 from diqa_cli.errors import UsageError
 
-__all__ = ["DISTORTIONS", "SOURCES", "synthetic_mos", "make_synthetic_set"]
+__all__ = ["DISTORTIONS", "SOURCES", "synthetic_mos", "make_synthetic_set", "reference_photos"]
 
 # Photos shipped inside the scikit-image wheel (no download). Grayscale ones are made RGB.
 SOURCES = (
@@ -145,6 +145,12 @@ def make_synthetic_set(
         f"size: {size}px; seed: {seed}\n"
     )
     return labels
+
+
+def reference_photos(size: int, sources: tuple[str, ...] | list[str] = DEFAULT_SOURCES) -> np.ndarray:
+    """The pristine ``sources`` photos, centre-cropped and resized to ``size``: float32
+    (N, size, size, 3) RGB in [0, 1], as the synthetic set's references."""
+    return np.stack([_square(_load_source(name), size, None) for name in sources])
 
 
 def _load_source(name: str) -> np.ndarray:

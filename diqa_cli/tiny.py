@@ -141,6 +141,7 @@ def write_tiny_bundle(directory) -> Path:
     from diqa_cli.checkpoint import save_head
     from diqa_cli.methods import list_methods, load_model_class
     from diqa_cli.models.slowfast import write_tiny_slowfast
+    from diqa_cli.synthetic import reference_photos
 
     root = write_tiny_backbone(directory)
     # Video heads read the tiny SlowFast from DIR/slowfast.safetensors (their tiny_config says so).
@@ -153,6 +154,10 @@ def write_tiny_bundle(directory) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_SEEDS["heads"])
             model = cls(backbone, **cls.tiny_config())
+        if hasattr(model, "set_batchnorm_statistics"):
+            # Untrained BatchNorm networks give every image the same score (the DP-IQA student).
+            photos = torch.from_numpy(reference_photos(model.resolution)).permute(0, 3, 1, 2)
+            model.set_batchnorm_statistics(photos)
         save_head(
             model, heads / f"{spec.name}.safetensors", normalisation={"offset": 0.0, "scale": 1.0}, extra={}
         )

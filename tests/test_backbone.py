@@ -91,6 +91,16 @@ def test_tiny_bundle_has_a_head_for_every_registered_method(tmp_path):
         assert sidecar["backbone"]["ref"] == str(root / "backbone")
         assert sidecar["backbone"]["identity"] == identity
 
+    # The untrained student still tells photos apart (its BatchNorm statistics come from them).
+    from diqa_cli.checkpoint import load_head
+    from diqa_cli.synthetic import reference_photos
+
+    student, _ = load_head(root / "heads" / "dpiqa-student.safetensors", device="cpu", dtype="fp32", offline=True)
+    photos = torch.from_numpy(reference_photos(student.resolution)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        scores = student(photos)
+    assert len(set(scores.tolist())) == len(photos), scores
+
 
 @pytest.mark.parametrize(
     "name, unet_params, text_params",

@@ -212,28 +212,16 @@ def test_teacher_head_saves_and_reloads_with_the_same_scores(
 # --- student -------------------------------------------------------------------------------------
 
 
-def _with_batchnorm_statistics(student, pixels):
-    """A freshly initialised EfficientNet in eval mode scales its signal to ~1e-14 (BatchNorm's
-    unit running variance after torchvision's fan-out init), so every image would get the same
-    score. Give it running statistics from real images, as training does."""
-    for module in student.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average: one pass sets the statistics
-    student.train()
-    with torch.no_grad():
-        student(pixels)
-    return student.eval()
-
-
 @pytest.fixture(scope="module")
 def students(tiny_pixels):
+    """Two students with BatchNorm statistics from different images (untrained ones would give
+    every image the same score; see ``DPIQAStudent.set_batchnorm_statistics``)."""
     from diqa_cli.models.dpiqa_student import DPIQAStudent
 
-    return {
-        "a": _with_batchnorm_statistics(_build(DPIQAStudent, None, 1), tiny_pixels(6)),
-        "b": _with_batchnorm_statistics(_build(DPIQAStudent, None, 2), tiny_pixels(12)[6:]),
-    }
+    first, second = _build(DPIQAStudent, None, 1), _build(DPIQAStudent, None, 2)
+    first.set_batchnorm_statistics(tiny_pixels(6))
+    second.set_batchnorm_statistics(tiny_pixels(12)[6:])
+    return {"a": first, "b": second}
 
 
 def test_student_needs_no_backbone_and_matches_the_teacher_map(students, teacher, tiny_pixels):

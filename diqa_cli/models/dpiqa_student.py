@@ -122,6 +122,27 @@ class DPIQAStudent(QualityModel):
         # architecture at a size tests build in a fraction of a second; B7 has 64 M.
         return {"arch": "efficientnet_b0", "resolution": TINY_RESOLUTION, "fc_hidden": 32}
 
+    def set_batchnorm_statistics(self, pixels: torch.Tensor) -> None:
+        """Replace BatchNorm's running statistics with those of ``pixels`` (B, 3, R, R) in [0, 1].
+
+        A freshly initialised EfficientNet in eval mode shrinks its signal to nothing within a
+        few blocks (unit running variance after torchvision's fan-out init), so every image gets
+        the same score. Training sets these statistics; an untrained student (the tiny bundle's)
+        takes them from one pass over real photos instead. Leaves the model in eval mode."""
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for module in norms:
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: one pass sets the statistics
+        self.train()
+        try:
+            with torch.no_grad():
+                self(pixels)
+        finally:
+            for module, momentum in zip(norms, momenta):
+                module.momentum = momentum  # as built, for any later training
+            self.eval()
+
     # --- checkpoints -----------------------------------------------------------------------
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything: all parameters train, and BatchNorm's running statistics go with them."""
