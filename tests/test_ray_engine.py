@@ -129,3 +129,19 @@ def test_without_ray_the_engine_says_how_to_install_it(dpiqa_head, monkeypatch, 
 
     code, _, err = run_main(["score", "--ray-actors", "2", "--checkpoint", str(dpiqa_head), str(dpiqa_head)])
     assert code == 2 and "--ray-address and --ray-actors need --engine ray" in err
+
+
+@needs_ray
+def test_ray_start_notice_about_token_auth_is_dropped_but_its_off_warning_kept(caplog):
+    import logging
+
+    from diqa_cli.engines.ray_engine import _drop_token_notice
+
+    name = "ray._private.authentication.authentication_token_setup"
+    assert importlib.util.find_spec(name) is not None, "Ray moved the module whose notice diqa drops"
+    _drop_token_notice()
+    logger = logging.getLogger(name)
+    with caplog.at_level(logging.WARNING, logger=name):
+        logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+        logger.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+    assert [r.getMessage().split(".")[0] for r in caplog.records] == ["Token authentication is disabled for this Ray cluster"]

@@ -72,6 +72,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     ray = import_ray()
     if ray.is_initialized():
         return False
+    _drop_token_notice()
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if target is not None:
@@ -83,6 +84,21 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
             f"cannot reach the Ray cluster at {target!r}: {exc}; check --ray-address / RAY_ADDRESS"
         ) from None
     return True
+
+
+def _drop_token_notice() -> None:
+    """Ray 2.5x logs a WARNING on every start that token authentication is *on* (the safe
+    default); it tells a diqa user nothing, so it is dropped. The warning Ray gives when
+    authentication is *off* still shows. (Ray Data's own "constructor arguments in the object
+    store" line from core_worker.cc is C++ logging, out of reach here: ray-project/ray#57733.)"""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenNoticeFilter) for f in logger.filters):
+        logger.addFilter(_TokenNoticeFilter())
+
+
+class _TokenNoticeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def _pool_shape(ray, options, actors: int | None) -> tuple[Any, int, dict[str, float]]:
