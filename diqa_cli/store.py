@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -394,6 +395,32 @@ class ScoreStore:
         self.close()
 
 
+def _use_wal(db: sqlite3.Connection) -> None:
+    if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        db.execute("PRAGMA journal_mode = WAL")
+
+
+def _when_unlocked(step: Callable[[], object]) -> None:
+    """Run ``step``, retrying while SQLite reports the database locked, up to BUSY_TIMEOUT_S.
+
+    The busy timeout covers ordinary lock waits, but SQLite returns SQLITE_BUSY at once, without
+    waiting, where waiting could deadlock: switching a new file to WAL while another process
+    opens it, or a read lock that cannot be upgraded. Two processes creating one database
+    together hit exactly that; the loser retries after the winner's short transaction."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    pause = 0.01
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            locked = "locked" in str(exc) or "busy" in str(exc)
+            if not locked or time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+
 def open_store(path: str | os.PathLike, *, create: bool = True) -> ScoreStore:
     """Open (``create``: or create) the score database at ``path`` and bring its schema up to
     date. A missing file without ``create``, a folder, or a file that is not SQLite is a usage
@@ -413,11 +440,11 @@ def open_store(path: str | os.PathLike, *, create: bool = True) -> ScoreStore:
         raise UsageError(f"cannot open score database {str(path)!r}: {exc}") from None
     db.row_factory = sqlite3.Row
     try:
-        db.execute("PRAGMA journal_mode = WAL")
+        _when_unlocked(lambda: _use_wal(db))
         # In WAL mode NORMAL syncs at checkpoints, not at every commit: a crash of diqa loses
         # nothing committed, only a power cut can lose the last commits.
         db.execute("PRAGMA synchronous = NORMAL")
-        migrate(db)
+        _when_unlocked(lambda: migrate(db))
     except sqlite3.DatabaseError as exc:
         db.close()
         raise UsageError(f"{str(path)!r} is not a diqa score database ({exc})") from None

@@ -242,7 +242,7 @@ def _build(method: str, backbone, config: dict | str | None, seed: int):
     cls = load_model_class(get_method(method))
     if config == "tiny":
         config = cls.tiny_config()
-    with torch.random.fork_rng(devices=_rng_devices(backbone.device)):
+    with torch.random.fork_rng(devices=_rng_devices(backbone.device) if backbone is not None else []):
         torch.manual_seed(seed)
         return cls(backbone, **dict(config or {}))
 
@@ -284,6 +284,7 @@ class _Optimiser:
     def __init__(self, model, settings: TrainingDefaults):
         import torch
 
+        device, dtype = model.device, model.dtype  # before trainable parameters become float32
         names = set(model.trainable_parameter_names())
         self.params = []
         for name, p in model.named_parameters():
@@ -296,8 +297,6 @@ class _Optimiser:
             raise UsageError(f"method {model.method_name!r} has no trainable parameters")
         self.optimiser = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.grad_clip = settings.grad_clip
-        device = model.backbone.device
-        dtype = model.backbone.dtype
         self.autocast_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else None
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -336,7 +335,7 @@ def _fit(model, data, normalisation, settings: TrainingDefaults, seed: int, opti
     import torch
 
     order_generator = torch.Generator().manual_seed(seed)
-    device = model.backbone.device
+    device = model.device
     model.train()
     losses = []
     for epoch in range(settings.epochs):
@@ -428,7 +427,7 @@ def train(
     normalisation = _normalisation(train_rows, labels_csv)
     settings = _settings(spec.name, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
     model = _initial_model(spec, backbone, config, seed, init_checkpoint, device, dtype, offline)
-    bb = model.backbone
+    device = model.device
 
     if spec.input_kind == "video":
         # GenzVQA, the one video method: frames decoded per batch, SlowFast features once per video.
@@ -445,7 +444,7 @@ def train(
         f"diqa: training {spec.name} on {len(data)} {spec.input_kind}s ({len(data.failed)} unreadable), "
         f"{settings.epochs} epochs, batch {settings.batch_size}, lr {settings.lr:g}, seed {seed}"
     )
-    with torch.random.fork_rng(devices=_rng_devices(bb.device)):
+    with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
         optimiser = _Optimiser(model, settings)
         if hasattr(model, "extract_features") and hasattr(model, "head_forward"):
@@ -455,10 +454,11 @@ def train(
                 return torch.nn.functional.mse_loss(model.head_forward(features).float(), targets)
 
         else:
-            noise = torch.Generator(device=bb.device).manual_seed(seed)
+            noise = torch.Generator(device=device).manual_seed(seed)
+            input_dtype = model.dtype
 
             def loss_of(inputs, kept, targets):  # a pixel tensor, or a VideoBatch for video methods
-                return model.training_loss(inputs.to(bb.device, bb.dtype), targets, noise)
+                return model.training_loss(inputs.to(device, input_dtype), targets, noise)
 
         losses = _fit(model, data, normalisation, settings, seed, optimiser, loss_of, log)
 
@@ -479,8 +479,13 @@ def _initial_model(spec, backbone, config, seed, init_checkpoint, device, dtype,
     from diqa_cli.checkpoint import load_head, read_sidecar
 
     if init_checkpoint is None:
-        from diqa_cli.backbone import load_backbone
+        from diqa_cli.backbone import load_backbone, resolve_device, resolve_dtype
 
+        if backbone is None and not spec.extra.get("needs_backbone", True):
+            # The DP-IQA student trained on MOS directly: no diffusion weights to load.
+            model = _build(spec.name, None, config, seed)
+            target = resolve_device(device)
+            return model.to(target, resolve_dtype(dtype, target))
         bb = load_backbone(backbone or spec.default_backbone, device=device, dtype=dtype, offline=offline)
         return _build(spec.name, bb, config, seed)
     trained = read_sidecar(init_checkpoint).get("method")

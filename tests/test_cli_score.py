@@ -178,7 +178,12 @@ def test_ctrl_c_keeps_written_rows_and_closes_the_json_array(bundle, cli_env, in
     os.mkfifo(fifo)
     args = [*head_args(bundle, "json"), inputs[4], str(fifo), inputs[2]]
     with open(tmp_path / "stderr.txt", "w+") as stderr:
-        proc = subprocess.Popen([*DIQA, *args], stdout=subprocess.PIPE, stderr=stderr, env=cli_env)
+        # Ctrl-C at a terminal: SIGINT at its default disposition. A shell starts background jobs
+        # (`make test &`) with SIGINT ignored, and children rightly inherit that.
+        proc = subprocess.Popen(
+            [*DIQA, *args], stdout=subprocess.PIPE, stderr=stderr, env=cli_env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         written = b""
         while b"}" not in written:  # the first row, complete before the stalled input
             chunk = os.read(proc.stdout.fileno(), 4096)
@@ -192,7 +197,7 @@ def test_ctrl_c_keeps_written_rows_and_closes_the_json_array(bundle, cli_env, in
         stderr.seek(0)
         err = stderr.read()
     rows = json.loads(written)
-    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert code == 130 and "interrupted" in err and "Traceback" not in err, (code, err)
     assert [(r["path"], r["status"]) for r in rows] == [(inputs[4], "error")]
 
 

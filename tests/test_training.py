@@ -417,6 +417,18 @@ def test_distilled_student_follows_its_teacher(trained, tmp_path):
     assert correlations(scores["student"], scores["teacher"])["srcc"] > 0.45
 
 
+def test_student_trains_on_mos_without_any_diffusion_weights(level_split, tmp_path):
+    """`diqa train --method dpiqa-student` with no --backbone: nothing of SD 1.5 is loaded (none
+    is in this test's weights cache, and the run is offline)."""
+    from diqa_cli.checkpoint import read_sidecar
+
+    out = tmp_path / "student.safetensors"
+    record = train("dpiqa-student", level_split, out=out, config="tiny", epochs=1, batch_size=8, device="cpu",
+                   dtype="fp32", offline=True)
+    assert record["n_train"] == 39
+    assert read_sidecar(out)["backbone"] == {"ref": None, "identity": None}
+
+
 def test_distill_refuses_a_teacher_that_is_not_dpiqa(trained, tmp_path):
     from diqa_cli.checkpoint import save_head, load_head
     from diqa_cli.training import distill
