@@ -185,6 +185,22 @@ def _shuffled_training_mos(src, dst):
     return _relabel(src, dst, mos=lambda row: next(shuffled) if row["split"] == "train" else row["mos"])
 
 
+def _learned_and_shuffled(method, labels, out_dir, **train_settings) -> dict[str, tuple[float, float]]:
+    """Train ``method`` on ``labels`` and, with the same seed and settings, on the labels with the
+    training MOS shuffled; SRCC of both heads on the held-out rows and on every row:
+    ``{"test": (learned, shuffled), "all": (learned, shuffled)}``. The learned head is
+    ``out_dir/learned.safetensors``."""
+    heads = {"learned": out_dir / "learned.safetensors", "shuffled": out_dir / "shuffled.safetensors"}
+    train(method, labels, out=heads["learned"], seed=0, device="cpu", dtype="fp32", offline=True, **train_settings)
+    shuffled = _shuffled_training_mos(labels, out_dir / "shuffled.csv")
+    train(method, shuffled, out=heads["shuffled"], seed=0, device="cpu", dtype="fp32", offline=True, **train_settings)
+
+    def srcc(head, split):
+        return evaluate(head, labels, split=split, device="cpu", dtype="fp32", offline=True)["srcc"]
+
+    return {split: (srcc(heads["learned"], split), srcc(heads["shuffled"], split)) for split in ("test", "all")}
+
+
 @pytest.fixture(scope="module")
 def level_split(tmp_path_factory):
     """Three photos of the synthetic set, MOS put on a 1-5 scale (so normalisation matters),
@@ -258,23 +274,15 @@ def test_lgdm_head_learns_from_features_computed_once_per_image(tiny_dir, level_
         return original(self, pixels)
 
     monkeypatch.setattr(LGDM, "extract_features", counting)
-    settings = {"epochs": 100, "batch_size": 8, "lr": 1e-3, "config": "tiny"}
+    srcc = _learned_and_shuffled(
+        "lgdm", level_split, tmp_path, backbone=str(tiny_dir / "backbone"), epochs=100, batch_size=8, lr=1e-3,
+        config="tiny",
+    )
+    assert sum(featurised) == 2 * 39  # two trainings of 100 epochs, one feature pass per image each
 
-    def train_lgdm(labels, out):
-        return train("lgdm", labels, backbone=str(tiny_dir / "backbone"), out=out, seed=0, device="cpu",
-                     dtype="fp32", offline=True, **settings)
-
-    train_lgdm(level_split, tmp_path / "lgdm.safetensors")
-    assert sum(featurised) == 39  # 100 epochs, one feature pass per training image
-
-    train_lgdm(_shuffled_training_mos(level_split, tmp_path / "shuffled.csv"), tmp_path / "shuffled.safetensors")
-
-    def srcc(head, split):
-        return evaluate(head, level_split, split=split, device="cpu", dtype="fp32", offline=True)["srcc"]
-
-    learned, chance = srcc(tmp_path / "lgdm.safetensors", "test"), srcc(tmp_path / "shuffled.safetensors", "test")
+    learned, chance = srcc["test"]
     assert learned > 0.3 and learned > chance + 0.25, (learned, chance)
-    learned, chance = srcc(tmp_path / "lgdm.safetensors", "all"), srcc(tmp_path / "shuffled.safetensors", "all")
+    learned, chance = srcc["all"]
     assert learned > 0.7 and learned > chance + 0.5, (learned, chance)
 
 
@@ -284,21 +292,13 @@ def test_genziqa_prompts_and_lora_learn_the_labels_not_chance(unit_latent_backbo
     with unit-variance latents (conftest) they do (seeds 0-2, held-out levels: learned 0.52-0.54,
     shuffled -0.16-0.13; every image: 0.86-0.90 against 0.21-0.22). The first ~15 epochs mostly
     move the score's offset (~18 on the tiny U-Net) onto the normalised MOS, hence the lr."""
-    settings = {"epochs": 100, "batch_size": 8, "lr": 3e-3, "config": "tiny"}
-
-    def train_genziqa(labels, out):
-        return train("genziqa", labels, backbone=str(unit_latent_backbone_dir), out=out, seed=0, device="cpu",
-                     dtype="fp32", offline=True, **settings)
-
-    train_genziqa(level_split, tmp_path / "genziqa.safetensors")
-    train_genziqa(_shuffled_training_mos(level_split, tmp_path / "shuffled.csv"), tmp_path / "shuffled.safetensors")
-
-    def srcc(head, split):
-        return evaluate(head, level_split, split=split, device="cpu", dtype="fp32", offline=True)["srcc"]
-
-    learned, chance = srcc(tmp_path / "genziqa.safetensors", "test"), srcc(tmp_path / "shuffled.safetensors", "test")
+    srcc = _learned_and_shuffled(
+        "genziqa", level_split, tmp_path, backbone=str(unit_latent_backbone_dir), epochs=100, batch_size=8, lr=3e-3,
+        config="tiny",
+    )
+    learned, chance = srcc["test"]
     assert learned > 0.2 and learned > chance + 0.25, (learned, chance)
-    learned, chance = srcc(tmp_path / "genziqa.safetensors", "all"), srcc(tmp_path / "shuffled.safetensors", "all")
+    learned, chance = srcc["all"]
     assert learned > 0.7 and learned > chance + 0.5, (learned, chance)
 
 
@@ -424,22 +424,13 @@ def test_student_learns_the_labels_from_mos_without_any_diffusion_weights(level_
     against -0.02-0.06)."""
     from diqa_cli.checkpoint import read_sidecar
 
-    settings = {"epochs": 30, "batch_size": 8, "lr": 1e-3, "config": "tiny"}
+    srcc = _learned_and_shuffled("dpiqa-student", level_split, tmp_path, epochs=30, batch_size=8, lr=1e-3, config="tiny")
+    sidecar = read_sidecar(tmp_path / "learned.safetensors")
+    assert sidecar["backbone"] == {"ref": None, "identity": None} and sidecar["training"]["n_train"] == 39
 
-    def train_student(labels, out):
-        return train("dpiqa-student", labels, out=out, seed=0, device="cpu", dtype="fp32", offline=True, **settings)
-
-    record = train_student(level_split, tmp_path / "student.safetensors")
-    assert record["n_train"] == 39
-    assert read_sidecar(tmp_path / "student.safetensors")["backbone"] == {"ref": None, "identity": None}
-    train_student(_shuffled_training_mos(level_split, tmp_path / "shuffled.csv"), tmp_path / "shuffled.safetensors")
-
-    def srcc(head, split):
-        return evaluate(head, level_split, split=split, device="cpu", dtype="fp32", offline=True)["srcc"]
-
-    learned, chance = srcc(tmp_path / "student.safetensors", "test"), srcc(tmp_path / "shuffled.safetensors", "test")
+    learned, chance = srcc["test"]
     assert learned > 0.4 and learned > chance + 0.3, (learned, chance)
-    learned, chance = srcc(tmp_path / "student.safetensors", "all"), srcc(tmp_path / "shuffled.safetensors", "all")
+    learned, chance = srcc["all"]
     assert learned > 0.7 and learned > chance + 0.5, (learned, chance)
 
 
