@@ -133,7 +133,8 @@ def _save_text_model(model, directory: Path) -> None:
 def write_tiny_bundle(directory) -> Path:
     """``write_tiny_backbone`` plus ``directory/slowfast.safetensors`` (tiny SlowFast for video
     methods) and ``directory/heads/<method>.safetensors`` (+ sidecar) for every registered method,
-    each head built from its ``tiny_config()`` with a fixed seed. The sidecars name
+    each head built from its ``tiny_config()`` with a fixed seed (heads with BatchNorm, the DP-IQA
+    student, take its statistics from the bundled skimage photos). The sidecars name
     ``directory/backbone`` as their backbone."""
     import torch
 
