@@ -324,6 +324,23 @@ class _Check:
     lock_update: dict | None = None
 
 
+def _verify_cached(
+    e: Entry, f: WeightFile, rel: str, path: Path, pinned: str | None, prefix: str | None, lock: dict, updates: dict
+) -> None:
+    """Check ``path`` (``rel`` in entry ``e``, from manifest file ``f``) through the lock: a
+    mismatch is an error saying how to download it again; a new lock record goes into ``updates``."""
+    check = _check_file(
+        _key(e, rel), path, pinned=pinned, prefix=prefix, lock=lock, rehash=False, origin=_file_origin(e, f)
+    )
+    if check.status == "mismatch":
+        raise WeightsError(
+            f"{e.name}: cached {rel} does not match its recorded SHA-256 (expected {check.expected}, "
+            f"got {check.actual}); run `diqa weights pull {e.name} --force` to download it again"
+        )
+    if check.lock_update:
+        updates[_key(e, rel)] = check.lock_update
+
+
 def _check_file(
     key: str,
     path: Path,
@@ -433,23 +450,7 @@ def pull(
                 if f.is_pickle and (e.local_dir / f.converted_path).is_file():
                     continue  # the safetensors copy is what gets used
                 if final.is_file():
-                    check = _check_file(
-                        _key(e, f.path),
-                        final,
-                        pinned=f.sha256,
-                        prefix=f.sha256_prefix,
-                        lock=lock,
-                        rehash=False,
-                        origin=_file_origin(e, f),
-                    )
-                    if check.status == "mismatch":
-                        raise WeightsError(
-                            f"{e.name}: cached {f.path} does not match its recorded SHA-256 "
-                            f"(expected {check.expected}, got {check.actual}); run "
-                            f"`diqa weights pull {e.name} --force` to download it again"
-                        )
-                    if check.lock_update:
-                        updates[_key(e, f.path)] = check.lock_update
+                    _verify_cached(e, f, f.path, final, f.sha256, f.sha256_prefix, lock, updates)
                     continue
             if f.is_pickle and not allow_pickle:
                 raise WeightsError(_pickle_message(e, f))
@@ -687,23 +688,7 @@ def _entry_result(e: Entry, *, allow_pickle: bool, parts: Iterable[str] | None) 
                 pinned, prefix = f.sha256, f.sha256_prefix
             else:  # the converted copy, checked against its conversion note
                 pinned, prefix = _note_sha(path), None
-            check = _check_file(
-                _key(e, rel),
-                path,
-                pinned=pinned,
-                prefix=prefix,
-                lock=lock,
-                rehash=False,
-                origin=_file_origin(e, f),
-            )
-            if check.status == "mismatch":
-                raise WeightsError(
-                    f"{e.name}: cached {rel} does not match its recorded SHA-256 (expected "
-                    f"{check.expected}, got {check.actual}); run `diqa weights pull {e.name} "
-                    "--force` to download it again"
-                )
-            if check.lock_update:
-                updates[_key(e, rel)] = check.lock_update
+            _verify_cached(e, f, rel, path, pinned, prefix, lock, updates)
             chosen = path
     finally:
         if updates:
