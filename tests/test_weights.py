@@ -277,6 +277,8 @@ def test_verify_detects_a_corrupted_cached_file(home, tmp_path, monkeypatch, ser
     # resolve refuses it too, and says how to fix it
     with pytest.raises(WeightsError, match="diqa weights pull tiny --force"):
         weights.resolve("tiny")
+    with pytest.raises(WeightsError, match=r"cached tiny.safetensors does not match .*pull tiny --force"):
+        weights.pull("tiny")  # without --force, pull will not paper over it
     weights.pull("tiny", force=True)
     assert path.read_bytes() == GOOD
 
