@@ -102,8 +102,9 @@ def model_home(_session_home):
 
 
 @pytest.fixture(scope="session")
-def dpiqa_head(tiny_backbone, tmp_path_factory):
-    """A tiny DP-IQA head saved as `diqa weights tiny` saves it (same seed), with its sidecar."""
+def dpiqa_head(tiny_dir, tiny_backbone):
+    """A tiny DP-IQA head saved as `diqa weights tiny` saves it (same seed, same place: the tiny
+    folder's ``heads/``), with its sidecar."""
     import torch
 
     from diqa_cli.checkpoint import save_head
@@ -112,8 +113,7 @@ def dpiqa_head(tiny_backbone, tmp_path_factory):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(4)
         model = DPIQA(tiny_backbone, **DPIQA.tiny_config())
-    path = tmp_path_factory.mktemp("heads") / "dpiqa.safetensors"
-    return save_head(model, path, normalisation={"offset": 0.0, "scale": 1.0})
+    return save_head(model, tiny_dir / "heads" / "dpiqa.safetensors", normalisation={"offset": 0.0, "scale": 1.0})
 
 
 @pytest.fixture(scope="session")

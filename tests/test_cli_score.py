@@ -28,35 +28,18 @@ DIQA = [str(Path(sys.executable).with_name("diqa"))]  # the installed console sc
 
 
 @pytest.fixture(scope="session")
-def bundle(tiny_dir, tiny_backbone):
+def bundle(tiny_dir, dpiqa_head):
     """The tiny bundle's layout (`diqa weights tiny`, :func:`diqa_cli.tiny.write_tiny_bundle`) with
-    its DP-IQA head only, built the way the bundle builds every head: the real class, its
-    ``tiny_config()``, a fixed seed, :func:`save_head`. The other methods' heads are left out
-    because building them costs more than these tests' own work."""
-    from diqa_cli.checkpoint import save_head
-    from diqa_cli.methods import get_method, load_model_class
-
-    cls = load_model_class(get_method("dpiqa"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(4)
-        model = cls(tiny_backbone, **cls.tiny_config())
-    save_head(model, tiny_dir / "heads" / "dpiqa.safetensors", normalisation={"offset": 0.0, "scale": 1.0}, extra={})
+    its DP-IQA head only; the other methods' heads cost more to build than these tests' own work."""
     return tiny_dir
 
 
 @pytest.fixture(scope="session")
-def shared_home(bundle):
-    """The session's DIQA_HOME, where building the head cached the prompt embeddings; the CLI
-    runs reuse it instead of embedding the 1485 prompts again."""
-    return os.environ["DIQA_HOME"]
-
-
-@pytest.fixture(scope="session")
-def cli_env(shared_home):
-    """Environment of the CLI subprocesses: offline, the shared home, nothing inherited that
-    could turn on colour or claim a terminal."""
+def cli_env(bundle, model_home):
+    """Environment of the CLI subprocesses: offline, the session home (where building the head
+    cached its prompt embeddings), nothing inherited that could turn on colour or claim a terminal."""
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TERM", "COLUMNS")}
-    env.update(DIQA_HOME=shared_home, HF_HUB_OFFLINE="1", DIQA_OFFLINE="1")
+    env.update(DIQA_HOME=model_home, HF_HUB_OFFLINE="1", DIQA_OFFLINE="1")
     return env
 
 
@@ -115,9 +98,9 @@ def test_csv_on_stdout_one_row_per_input_in_order_exit_3(bundle, cli_env, inputs
     assert "━" not in result.stderr  # no progress bar when stderr is not a terminal
 
 
-def test_json_and_jsonl_carry_the_run_and_agree_across_batch_sizes(bundle, shared_home, inputs, run_main):
+def test_json_and_jsonl_carry_the_run_and_agree_across_batch_sizes(bundle, model_home, inputs, run_main):
     good = [inputs[0], inputs[2], inputs[5]]
-    code, out, _ = run_main([*head_args(bundle, "json"), "--batch-size", "1", *good], home=shared_home)
+    code, out, _ = run_main([*head_args(bundle, "json"), "--batch-size", "1", *good], home=model_home)
     assert code == 0
     rows = json.loads(out)
     assert [r["path"] for r in rows] == good
@@ -128,7 +111,7 @@ def test_json_and_jsonl_carry_the_run_and_agree_across_batch_sizes(bundle, share
         assert row["checkpoint"] == checkpoint and row["seconds"] >= 0
 
     # One batch of three instead of three of one: the same scores, one JSON object per line.
-    code, out, _ = run_main([*head_args(bundle, "jsonl"), "--batch-size", "4", *good], home=shared_home)
+    code, out, _ = run_main([*head_args(bundle, "jsonl"), "--batch-size", "4", *good], home=model_home)
     assert code == 0
     lines = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in lines] == good
@@ -141,10 +124,10 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_progress_bar_only_on_a_terminal_stderr(bundle, shared_home, inputs, run_main, monkeypatch):
+def test_progress_bar_only_on_a_terminal_stderr(bundle, model_home, inputs, run_main, monkeypatch):
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    code, out, _ = run_main([*head_args(bundle, "csv"), inputs[0], inputs[4]], home=shared_home)
+    code, out, _ = run_main([*head_args(bundle, "csv"), inputs[0], inputs[4]], home=model_home)
     assert code == 3
     assert [r["status"] for r in csv.DictReader(io.StringIO(out))] == ["ok", "error"]
     assert "━" not in out and "scoring" not in out
