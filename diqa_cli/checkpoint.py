@@ -62,6 +62,7 @@ def save_head(model, path: str | os.PathLike, *, normalisation: dict, extra: dic
     ``extra`` adds keys to the sidecar (training data, metrics…) but may not replace a core key.
     """
     import diqa_cli
+    from diqa_cli.safetensors_file import save_safetensors
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -89,29 +90,9 @@ def save_head(model, path: str | os.PathLike, *, normalisation: dict, extra: dic
     text = json.dumps(sidecar, indent=2, sort_keys=False) + "\n"  # fails early if config isn't JSON
     state = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_state_dict().items()}
     metadata = {"format": "pt", "diqa_format": SIDECAR_FORMAT, "method": model.method_name}
-    payload = _canonical_safetensors(state, metadata)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
+    atomic_write(path, lambda tmp: save_safetensors(state, tmp, metadata=metadata))
     atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
-
-
-def _canonical_safetensors(state: dict, metadata: dict[str, str]) -> bytes:
-    """safetensors bytes of ``state`` whose header lists ``metadata`` in sorted key order.
-
-    safetensors keeps metadata in a Rust HashMap and writes it in a per-process random order
-    (safetensors issue #584), so identical heads would differ byte for byte and in SHA-256. The
-    tensors are already written sorted; re-serialising the header with sorted metadata keeps its
-    length (same keys, same values), so the data offsets stay valid."""
-    from safetensors.torch import save
-
-    raw = save(state, metadata=metadata)
-    length = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + length])
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    if len(text) > length:
-        raise AssertionError("re-serialised safetensors header grew")  # would shift every offset
-    return raw[:8] + text.ljust(length, b" ") + raw[8 + length :]
 
 
 def _backbone_record(backbone) -> dict[str, Any]:

@@ -834,7 +834,8 @@ def convert(src: Path | str, dst: Path | str, *, method: str | None = None) -> P
     import pickle
 
     import torch
-    from safetensors.torch import save_file
+
+    from diqa_cli.safetensors_file import save_safetensors
 
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -867,7 +868,7 @@ def convert(src: Path | str, dst: Path | str, *, method: str | None = None) -> P
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
     os.close(fd)
     try:
-        save_file(
+        save_safetensors(
             tensors,
             tmp,
             metadata={

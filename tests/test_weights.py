@@ -394,6 +394,10 @@ def test_convert_round_trips_a_wrapped_state_dict(tmp_path):
     note = json.loads(dst.with_suffix(".conversion.json").read_text())
     assert note["source"] == "released.pyth" and note["source_sha256"] == weights.sha256_file(src)
     assert note["sha256"] == weights.sha256_file(dst) and note["unwrapped"] == ["model_state"]
+    # Converting the same file again gives the same bytes (safetensors alone orders its metadata
+    # at random).
+    again = {weights.sha256_file(weights.convert(src, tmp_path / f"again{i}.safetensors")) for i in range(6)}
+    assert again == {note["sha256"]}
 
 
 class NotATensor:

@@ -240,7 +240,7 @@ def load_slowfast(
 def write_tiny_slowfast(directory, *, seed: int = 5) -> Path:
     """Write ``directory/slowfast.safetensors`` (random weights from ``seed``, the zoo's key
     names) and ``directory/slowfast.json`` (its config); returns the safetensors path."""
-    from safetensors.torch import save_file
+    from diqa_cli.safetensors_file import save_safetensors
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
@@ -256,7 +256,7 @@ def write_tiny_slowfast(directory, *, seed: int = 5) -> Path:
                 buffer.uniform_(0.5, 1.5)
     path = root / "slowfast.safetensors"
     state = {k: v.contiguous() for k, v in model.net.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "about": "tiny random SlowFast (diqa tests)"})
+    save_safetensors(state, path, metadata={"format": "pt", "about": "tiny random SlowFast (diqa tests)"})
     config_text = json.dumps({"format": "diqa-slowfast/1", "config": model.config}, indent=2) + "\n"
     path.with_suffix(".json").write_text(config_text, encoding="utf-8")
     return path
