@@ -3,6 +3,7 @@ conversion, checkpoints, prompts and registry entries."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -240,10 +241,16 @@ def test_student_is_deterministic_batch_equals_singles_and_differentiable(studen
     pixels = tiny_pixels(3)
     with torch.no_grad():
         first = student(pixels)
-        singles = torch.cat([student(pixels[i : i + 1]) for i in range(3)])
     assert torch.equal(first, student(pixels.clone()))
     assert first.unique().numel() == 3  # different images, different scores
-    torch.testing.assert_close(singles, first, rtol=0, atol=1e-5)
+    # Batch against singles in float64: in float32 the convolutions of a batch of 3 and of 1 round
+    # differently, and the random network amplified that to 1.6e-4 when earlier test modules had
+    # changed the thread count; any real coupling between a batch's images would still show.
+    precise = copy.deepcopy(student).double()
+    with torch.no_grad():
+        together = precise(pixels.double())
+        singles = torch.cat([precise(pixels[i : i + 1].double()) for i in range(3)])
+    torch.testing.assert_close(singles, together, rtol=0, atol=1e-5)
     pixels.requires_grad_(True)
     student(pixels).sum().backward()
     assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
