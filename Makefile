@@ -6,7 +6,7 @@ STAMP := $(VENV)/.diqa-installed
 # Tests and the demo never reach a model hub.
 OFFLINE := HF_HUB_OFFLINE=1 DIQA_OFFLINE=1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench manifest clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: install
 
 bench: install
 	$(OFFLINE) $(BIN)/python bench/bench.py
+
+# The top-level manifest is the source of truth; the package ships a copy (a test holds them equal).
+manifest:
+	cp weights_manifest.json diqa_cli/data/weights_manifest.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -122,7 +122,7 @@ def _tiny_backbone(device, dtype, folder: Path):
     import torch
 
     from diqa_cli.backbone import load_backbone
-    from diqa_cli.enhance.map import QualityPrior
+    from diqa_cli.metric import Metric
     from diqa_cli.models.dpiqa import DPIQA
     from diqa_cli.tiny import write_tiny_backbone
 
@@ -130,7 +130,7 @@ def _tiny_backbone(device, dtype, folder: Path):
         write_tiny_backbone(folder)
     backbone = load_backbone(str(folder / "backbone"), device=device, dtype=dtype, offline=True)
     torch.manual_seed(4)
-    return backbone, QualityPrior(DPIQA(backbone, **DPIQA.tiny_config()))
+    return backbone, Metric(DPIQA(backbone, **DPIQA.tiny_config()), {"score_normalisation": {"offset": 0.0, "scale": 1.0}})
 
 
 def _photo(resolution: int):

@@ -49,7 +49,7 @@ def synthetic_clip(path: Path, seconds: float, fps: int, width: int, height: int
 
 def measure(clip, model, slowfast, *, decoder, fps_sub, max_frames, repeats) -> dict:
     """Best of ``repeats`` runs (the first also warms the caches) of one setting."""
-    from diqa_cli.models.genzvqa import score_videos
+    from diqa_cli.pipelines.videos import score_videos
 
     best = None
     for _ in range(repeats):
@@ -114,11 +114,11 @@ def main() -> None:
                 r = measure(clip, model, slowfast, decoder=decoder, fps_sub=fps_sub, max_frames=max_frames,
                             repeats=args.repeats)
                 results[(label, decoder)] = r
-                networks = r["slowfast"] + r["unet"]
+                networks = r["encoder"] + r["model"]
                 busy = r["decode"] + networks
                 print(
                     f"{r['decoder'] + ', ' + label:<30} {r['frames']:>6} {r['wall'] / r['duration']:>10.3f} "
-                    f"{r['decode']:>9.3f} {r['slowfast']:>10.3f} {r['unet']:>8.3f} "
+                    f"{r['decode']:>9.3f} {r['encoder']:>10.3f} {r['model']:>8.3f} "
                     f"{100 * r['decode'] / busy:>8.1f}% {100 * networks / busy:>10.1f}%"
                 )
         for label, _, _ in settings:
@@ -126,7 +126,7 @@ def main() -> None:
             print(f"ratio decode time pyav/decord, {label}: {slow['decode'] / max(fast['decode'], 1e-9):.2f}")
         for label, _, _ in settings:
             r = results[(label, "decord")]
-            print(f"ratio networks/decode time, decord, {label}: {(r['slowfast'] + r['unet']) / max(r['decode'], 1e-9):.2f}")
+            print(f"ratio networks/decode time, decord, {label}: {(r['encoder'] + r['model']) / max(r['decode'], 1e-9):.2f}")
         base, dense = results[(settings[0][0], "decord")], results[(settings[1][0], "decord")]
         print(f"ratio s/s video --fps-sub 4 over 8 frames, decord: {dense['wall'] / base['wall']:.2f}")
 

@@ -26,13 +26,13 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diqa_cli import home
 from diqa_cli.errors import UsageError, WeightsError
+from diqa_cli.files import PICKLE_SUFFIXES, atomic_write, file_sha256, save_safetensors
 
 __all__ = [
     "Backbone",
@@ -40,14 +40,12 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "clip_text_features",
-    "file_sha256",
-    "CONFIG_ROOT",
+        "CONFIG_ROOT",
     "SHIPPED_CONFIGS",
 ]
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 SHIPPED_CONFIGS = ("sd15", "sd21-base", "tiny")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _LDM_UNET = "model.diffusion_model."
 _LDM_VAE = "first_stage_model."
 _LDM_TEXT = "cond_stage_model."
@@ -136,37 +134,6 @@ def resolve_dtype(name: str, device) -> Any:
 
 
 # --- identity: SHA-256 of the weight files, hashed once per (path, size, mtime) ---------------
-
-
-def file_sha256(path) -> str:
-    """SHA-256 of a file's bytes; remembered in ``DIQA_HOME/file_hashes.json`` by path, size and
-    modification time, so multi-GB weights are read once, not on every run."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache_file = home.diqa_home() / "file_hashes.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
-    from diqa_cli.weights import sha256_file
-
-    cache[key] = sha256_file(path)
-    _atomic_write_text(cache_file, json.dumps(cache, indent=0, sort_keys=True))
-    return cache[key]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _combined_identity(files: dict[str, Path]) -> str:
@@ -601,16 +568,7 @@ def _read_cached(path: Path):
 
 
 def _write_cached(path: Path, tensor) -> None:
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"embeddings": tensor.contiguous()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_safetensors({"embeddings": tensor.contiguous()}, tmp))
 
 
 def _embed(tokenizer, encoder, prompts: list[str], device, *, pooled: bool, batch_size: int = 64):

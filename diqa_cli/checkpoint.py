@@ -13,18 +13,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from diqa_cli.atomic import atomic_write
-from diqa_cli.errors import UsageError, WeightsError
+from diqa_cli.errors import DiqaWarning, UsageError, WeightsError
+from diqa_cli.files import atomic_write, atomic_write_text, read_safetensors, refuse_pickle, save_safetensors
 
 __all__ = ["SIDECAR_FORMAT", "save_head", "read_sidecar", "load_head", "released_sidecar", "sidecar_path"]
 
 SIDECAR_FORMAT = "diqa-head/1"
-_PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".pkl"}
 _SIDECAR_KEYS = (
     "format",
     "method",
@@ -62,7 +61,6 @@ def save_head(model, path: str | os.PathLike, *, normalisation: dict, extra: dic
     ``extra`` adds keys to the sidecar (training data, metrics…) but may not replace a core key.
     """
     import diqa_cli
-    from diqa_cli.safetensors_file import save_safetensors
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -91,7 +89,7 @@ def save_head(model, path: str | os.PathLike, *, normalisation: dict, extra: dic
     state = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_state_dict().items()}
     metadata = {"format": "pt", "diqa_format": SIDECAR_FORMAT, "method": model.method_name}
     atomic_write(path, lambda tmp: save_safetensors(state, tmp, metadata=metadata))
-    atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(sidecar_path(path), text)
     return path
 
 
@@ -111,12 +109,9 @@ def _portable_ref(ref: str) -> str:
 
 
 def _refuse_pickle(path: Path) -> None:
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise WeightsError(
-            f"{path}: pickle checkpoints ({path.suffix}) are not loaded because they can run code; "
-            f"convert it once with `diqa weights convert {path} --method METHOD` and pass the "
-            f".safetensors file"
-        )
+    refuse_pickle(
+        path, fix=f"convert it once with `diqa weights convert {path} --method METHOD` and pass the .safetensors file"
+    )
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
@@ -160,7 +155,7 @@ def load_head(
 
     The backbone is ``backbone`` if given, else ``backbone_ref`` (``--backbone``), else the one
     the sidecar names. A backbone whose weight identity differs from the sidecar's is used with a
-    warning on stderr: the head will run, but its scores are not the trained ones.
+    ``DiqaWarning``: the head will run, but its scores are not the trained ones.
     ``config_overrides`` replaces config entries (``--seed``). ``sidecar`` stands in for a
     missing one (released weights, see :func:`released_sidecar`).
     """
@@ -178,24 +173,24 @@ def load_head(
     except UsageError as exc:
         raise WeightsError(f"{path}: written for a method this diqa does not have: {exc}") from exc
 
-    needs_backbone = spec.extra.get("needs_backbone", True)
-    if backbone is None and needs_backbone:
+    if backbone is None and spec.needs_backbone:
         from diqa_cli.backbone import load_backbone
 
         ref = backbone_ref or sidecar["backbone"]["ref"]
         backbone = load_backbone(ref, device=device, dtype=dtype, offline=offline)
     trained_on = sidecar["backbone"].get("identity")
     if backbone is not None and trained_on and backbone.identity != trained_on:
-        print(
-            f"diqa: warning: {path.name} was trained on backbone {sidecar['backbone']['ref']!r} "
+        warnings.warn(
+            f"{path.name} was trained on backbone {sidecar['backbone']['ref']!r} "
             f"(identity {trained_on[:12]}), but {backbone.ref!r} has identity {backbone.identity[:12]}; "
             f"unless these are the same weights in another layout, scores will differ from the trained head's",
-            file=sys.stderr,
+            DiqaWarning,
+            stacklevel=2,
         )
 
     config = {**sidecar["config"], **(config_overrides or {})}
     model = load_model_class(spec)(backbone, **config)
-    state = _read_safetensors(path)
+    state = read_safetensors(path)
     model.load_checkpoint_state_dict(state)
     if backbone is not None:
         model.to(backbone.device)
@@ -211,11 +206,10 @@ def load_head(
 def released_sidecar(spec, weights_name: str) -> dict[str, Any]:
     """The sidecar of a bare state dict in a method's released layout (published weights come
     without one): the class's default config (the released architecture), the method's default
-    backbone with no identity to check, and the spec's ``extra["released_score_normalisation"]``
-    (identity when absent). ``weights_name`` (manifest entry or file name) is recorded."""
+    backbone with no identity to check, and the spec's ``released_normalisation``.
+    ``weights_name`` (manifest entry or file name) is recorded."""
     import diqa_cli
 
-    normalisation = spec.extra.get("released_score_normalisation", {"offset": 0.0, "scale": 1.0})
     return {
         "format": SIDECAR_FORMAT,
         "method": spec.name,
@@ -223,21 +217,11 @@ def released_sidecar(spec, weights_name: str) -> dict[str, Any]:
         "backbone": {"ref": spec.default_backbone, "identity": None},
         "resolution": spec.resolution,
         "timesteps": list(spec.timesteps),
-        "feature_layers": list(spec.extra.get("feature_layers", [])),
+        "feature_layers": list(spec.feature_layers),
         "input_convention": spec.input_convention,
-        "score_normalisation": _normalisation(normalisation),
+        "score_normalisation": spec.released_normalisation.to_dict(),
         "seed": 0,
         "diqa_version": diqa_cli.__version__,
         "created": None,
         "weights": weights_name,
     }
-
-
-def _read_safetensors(path: Path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc

@@ -112,7 +112,7 @@ def _run(work: Path, tiny_root: Path, epochs: int, log, stdout) -> dict[str, Any
     from diqa_cli.checkpoint import load_head
     from diqa_cli.imageio import InputItem
     from diqa_cli.models.dpiqa import DPIQA
-    from diqa_cli.scoring import score_images
+    from diqa_cli.pipelines.images import score_images
     from diqa_cli.synthetic import make_synthetic_set
     from diqa_cli.training import correlations, train
 

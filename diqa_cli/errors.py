@@ -33,13 +33,29 @@ class WeightsError(DiqaError):
     """Weights are missing, tampered with, or in a refused format."""
 
 
-class InputError(Exception):
+class DiqaWarning(UserWarning):
+    """Something the user should know that does not stop the run (a head loaded on another
+    backbone than it was trained on…). The library warns; the CLI prints ``diqa: warning: …``."""
+
+
+class InputError(DiqaError):
     """One input cannot be used; the run goes on and the input gets an error row.
 
     ``reason`` is a short one-line explanation without the path (the row carries the path).
+    Pipelines turn it into an error row; raised to a caller (``Metric`` on one file), it is a
+    ``DiqaError`` like the others.
     """
+
+    exit_code = EXIT_PARTIAL
 
     def __init__(self, path: str, reason: str):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none), for the
+    one-line reasons that error rows and stderr messages carry."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -83,6 +83,7 @@ __all__ = [
     "iter_images",
     "load_image",
     "max_pixels_limit",
+    "pil_for_model",
     "resize_for_model",
 ]
 
@@ -375,6 +376,16 @@ def resize_for_model(
     size = (resolution, resolution)
     resized = np.stack([np.asarray(Image.fromarray(p).resize(size, method)) for p in planes])
     return np.clip(resized, 0.0, 1.0, out=resized)
+
+
+def pil_for_model(image: Image.Image, resolution: int, *, resample: str = "bicubic") -> np.ndarray:
+    """An image already opened with Pillow -> the model input ``iter_images`` would give for its
+    file: EXIF orientation applied, converted as :func:`load_image` converts, then
+    :func:`resize_for_model`. The caller's image is not modified."""
+    image.load()
+    bits = _tiff_bits_per_sample(image)
+    upright = ImageOps.exif_transpose(image)
+    return resize_for_model(_to_rgb_float(upright, bits, "<PIL image>"), resolution, resample=resample)
 
 
 def _resample_filter(name: str) -> Image.Resampling:

@@ -84,9 +84,9 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file, or from a pickle with the safe loader (only reached
     when the caller resolved with ``allow_pickle``)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from diqa_cli.files import read_safetensors
 
-        return load_file(str(path))
+        return read_safetensors(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -209,7 +209,7 @@ def settings_for(model, sidecar: dict, checkpoint: str | os.PathLike) -> ScoreSe
     """The settings of a loaded scorer (``scoring.load_scorer``'s model and sidecar) whose head
     weights are the file ``checkpoint``."""
     import diqa_cli
-    from diqa_cli.backbone import file_sha256  # remembered per (path, size, mtime): read once
+    from diqa_cli.files import file_sha256  # remembered per (path, size, mtime): read once
 
     config = dict(model.config)
     return ScoreSettings(
@@ -230,10 +230,10 @@ def checkpoint_file(checkpoint: str | os.PathLike | None, method: str | None) ->
     weights in the cache (``scoring.load_scorer`` has fetched them by the time this is asked)."""
     if checkpoint is not None:
         return Path(checkpoint)
+    from diqa_cli.scoring import default_checkpoint
     from diqa_cli.methods import get_method
-    from diqa_cli.weights import resolve
 
-    return Path(resolve(get_method(method).released_weights[0], download=False))
+    return default_checkpoint(get_method(method), download=False)
 
 
 # --------------------------------------------------------------------------- the store

@@ -131,8 +131,8 @@ def _save_text_model(model, directory: Path) -> None:
 
 
 def write_tiny_bundle(directory) -> Path:
-    """``write_tiny_backbone`` plus ``directory/slowfast.safetensors`` (tiny SlowFast for video
-    methods) and ``directory/heads/<method>.safetensors`` (+ sidecar) for every registered method,
+    """``write_tiny_backbone`` plus what each model class's ``write_tiny_assets`` adds (the tiny
+    SlowFast of video methods, ``directory/slowfast.safetensors``) and ``directory/heads/<method>.safetensors`` (+ sidecar) for every registered method,
     each head built from its ``tiny_config()`` with a fixed seed (heads with BatchNorm, the DP-IQA
     student, take its statistics from the bundled skimage photos). The sidecars name
     ``directory/backbone`` as their backbone."""
@@ -141,21 +141,21 @@ def write_tiny_bundle(directory) -> Path:
     from diqa_cli.backbone import load_backbone
     from diqa_cli.checkpoint import save_head
     from diqa_cli.methods import list_methods, load_model_class
-    from diqa_cli.models.slowfast import write_tiny_slowfast
+    from diqa_cli.models.base import BatchNormCalibration, TinyAssets
     from diqa_cli.synthetic import reference_photos
 
     root = write_tiny_backbone(directory)
-    # Video heads read the tiny SlowFast from DIR/slowfast.safetensors (their tiny_config says so).
-    write_tiny_slowfast(root)
     backbone = load_backbone(str(root / "backbone"), device="cpu", dtype="fp32", offline=True)
     heads = root / "heads"
     heads.mkdir(exist_ok=True)
     for spec in list_methods():
         cls = load_model_class(spec)
+        if isinstance(cls, TinyAssets):  # files its tiny_config points at (a video model's clip encoder)
+            cls.write_tiny_assets(root)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_SEEDS["heads"])
             model = cls(backbone, **cls.tiny_config())
-        if hasattr(model, "set_batchnorm_statistics"):
+        if isinstance(model, BatchNormCalibration):
             # Untrained BatchNorm networks give every image the same score (the DP-IQA student).
             photos = torch.from_numpy(reference_photos(model.resolution)).permute(0, 3, 1, 2)
             model.set_batchnorm_statistics(photos)

@@ -71,8 +71,10 @@ __all__ = [
     "open_video",
     "pick_frames",
     "plan_clips",
+    "normalise_clip",
     "read_frames",
     "resize_frame",
+    "square_crop",
 ]
 
 DECODERS = ("auto", "decord", "pyav")
@@ -587,8 +589,6 @@ class VideoReader:
         if not plan:
             return
         needed = np.unique(np.concatenate(plan))
-        mean_arr = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1, 1)
-        std_arr = np.asarray(std, dtype=np.float32).reshape(3, 1, 1, 1)
         # Frames are matched by time, not index: should decord fail part-way, PyAV's frames (with
         # its own indices) still land in the right clips.
         spacing = float(np.median(np.diff(self.timestamps))) if len(self.timestamps) > 1 else 1.0
@@ -611,8 +611,7 @@ class VideoReader:
             for frame in found:
                 last = frame if frame is not None else last
                 frames.append(last)
-            clip = np.stack(frames).astype(np.float32).transpose(3, 0, 1, 2) / 255.0  # (3, T, S, S)
-            return (clip - mean_arr) / std_arr
+            return normalise_clip(frames, mean, std)
 
         def evict() -> None:
             first = float(todo[0].min()) - tolerance if todo else math.inf
@@ -623,7 +622,7 @@ class VideoReader:
         for frames in self.frames(needed, batch=max(len(c) for c in plan), stats=stats):
             for t, rgb in zip(frames.timestamps.tolist(), frames.frames):
                 bisect.insort(times, t)
-                cache[t] = _square_crop(rgb, size)
+                cache[t] = square_crop(rgb, size)
             seen = float(frames.timestamps[-1]) + tolerance
             while todo and float(todo[0].max()) <= seen:
                 clip = finish(todo.pop(0))
@@ -655,7 +654,15 @@ def _short_decord_reason(exc: BaseException) -> str:
     return text[:160]
 
 
-def _square_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+def normalise_clip(frames: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Square uint8 RGB frames (S, S, 3) of one clip -> float32 (3, T, S, S), normalised."""
+    mean_arr = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1, 1)
+    std_arr = np.asarray(std, dtype=np.float32).reshape(3, 1, 1, 1)
+    clip = np.stack(frames).astype(np.float32).transpose(3, 0, 1, 2) / 255.0
+    return (clip - mean_arr) / std_arr
+
+
+def square_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     """Short side to ``size`` (bilinear), then the centre ``size`` x ``size`` square (uint8)."""
     height, width = rgb.shape[:2]
     scale = size / min(height, width)
@@ -694,11 +701,15 @@ def read_frames(
     decoder: str = "auto",
     batch: int = 8,
 ) -> VideoFrames:
-    """The chosen frames of one video in memory (only those; the video is streamed): uint8
-    (F, H, W, 3), or float32 (F, 3, R, R) in [0, 1] resized to ``resolution``. Raises
-    ``InputError`` when no chosen frame decodes."""
+    """The chosen frames of one video in memory (only those; the video is streamed), every frame
+    when neither ``fps_sub`` nor ``max_frames`` is given: uint8 (F, H, W, 3), or float32
+    (F, 3, R, R) in [0, 1] resized to ``resolution``. Raises ``InputError`` when no chosen frame
+    decodes."""
     with open_video(path, decoder=decoder) as reader:
-        plan = reader.plan(fps_sub=fps_sub, max_frames=max_frames)
+        if fps_sub is None and max_frames is None:
+            plan = FramePlan(indices=np.arange(reader.frame_count))
+        else:
+            plan = reader.plan(fps_sub=fps_sub, max_frames=max_frames)
         stats = DecodeStats()
         frames, times, indices = [], [], []
         for chunk in reader.frames(plan.indices, batch=batch, stats=stats):

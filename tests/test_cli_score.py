@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diqa_cli.scoring import score_images
+from diqa_cli.pipelines.images import score_images
 from test_checkpoint import LatentConv, latent_conv_method  # noqa: F401 - fixture
 
 DIQA = [str(Path(sys.executable).with_name("diqa"))]  # the installed console script

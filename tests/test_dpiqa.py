@@ -301,7 +301,7 @@ def test_registry_entries_name_the_manifest_weights_and_what_each_needs():
     teacher_spec, student_spec = get_method("dpiqa"), get_method("dpiqa-student")
     assert load_model_class(teacher_spec) is DPIQA and load_model_class(student_spec) is DPIQAStudent
     assert teacher_spec.timesteps == (1,) and teacher_spec.default_backbone == "sd15"
-    assert student_spec.extra["needs_backbone"] is False
+    assert student_spec.needs_backbone is False
     for spec in (teacher_spec, student_spec):
         assert spec.score_direction == "higher is better" and spec.resolution == 512
         assert "CC BY-NC-SA 4.0" in spec.licence and spec.deviations
@@ -315,7 +315,7 @@ def test_student_head_saves_and_scores_without_any_diffusion_backbone(students, 
     import diqa_cli.backbone
     from diqa_cli.checkpoint import load_head, read_sidecar, save_head
     from diqa_cli.imageio import expand_inputs
-    from diqa_cli.scoring import score_images
+    from diqa_cli.pipelines.images import score_images
 
     path = save_head(students["a"], tmp_path / "student.safetensors", normalisation={"offset": 1.0, "scale": 4.0},
                      extra={})

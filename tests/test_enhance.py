@@ -30,7 +30,8 @@ from diqa_cli.enhance.edict import (
     edict_invert,
     unet_noise_predictor,
 )
-from diqa_cli.enhance.map import MapEnhancer, MapSettings, QualityPrior
+from diqa_cli.enhance.map import MapEnhancer, MapSettings
+from diqa_cli.metric import Metric
 from diqa_cli.enhance.nlpd import NLPD
 from diqa_cli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, UsageError
 from diqa_cli.imageio import InputItem
@@ -63,7 +64,7 @@ def calibrated_prior(unit_latent_backbone_dir, dpiqa_head):
 
     backbone = load_backbone(str(unit_latent_backbone_dir), device="cpu", dtype="fp32", offline=True)
     model, sidecar = load_head(dpiqa_head, backbone=backbone, device="cpu", dtype="fp32")
-    return QualityPrior(model, sidecar["score_normalisation"])
+    return Metric(model, sidecar)
 
 
 
@@ -337,16 +338,16 @@ def test_cli_an_output_the_format_cannot_hold_fails_cleanly(run_main, dpiqa_head
 
 def test_cli_ctrl_c_writes_the_best_image_and_the_report(run_main, dpiqa_head, photos, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_call = QualityPrior.__call__
+    real_call = Metric.forward
 
-    def interrupted(self, pixels):
+    def interrupted(self, pixels, **kwargs):
         if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] == 2:
                 raise KeyboardInterrupt
-        return real_call(self, pixels)
+        return real_call(self, pixels, **kwargs)
 
-    monkeypatch.setattr(QualityPrior, "__call__", interrupted)
+    monkeypatch.setattr(Metric, "forward", interrupted)
     out, report = tmp_path / "out.png", tmp_path / "r.json"
     code, _, stderr = run_main(cli_args(dpiqa_head, str(photos / "rgb.png"), "-o", str(out), "--report", str(report))
                                + ["--iterations", "5"])

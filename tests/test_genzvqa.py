@@ -98,7 +98,7 @@ def videos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def video_input(genzvqa, slowfast, videos):
-    from diqa_cli.models.genzvqa import load_video_input
+    from diqa_cli.pipelines.videos import load_video_input
 
     return load_video_input(videos["h264"], genzvqa, slowfast, max_frames=4)
 
@@ -197,7 +197,7 @@ def test_spec_and_released_block_names(genzvqa):
 
 
 def test_video_score_shapes_determinism_and_frame_batching(genzvqa, video_input):
-    frames, slow, fast = video_input.frames, video_input.slow, video_input.fast
+    frames, (slow, fast) = video_input.frames, video_input.clip_features
     assert frames.shape == (4, 3, 64, 64) and slow.shape == (3, 256) and fast.shape == (3, 32)
     layers = len(genzvqa.feature_layers())
     with torch.no_grad():
@@ -220,14 +220,15 @@ def test_modulator_follows_the_released_computation(tiny_backbone, video_input):
     model = GenzVQA(tiny_backbone, **{**GenzVQA.tiny_config(), "head_dim": 16}).eval()
     with torch.no_grad():
         layers, queries = model.frame_features(video_input.frames)
-        gamma, terms = model.modulate(queries, video_input.slow, video_input.fast)
+        gamma, terms = model.modulate(queries, *video_input.clip_features)
         for i, layer in enumerate(model.feature_layers()):
             block = model._blocks[layer]
             query = queries[layer]  # (F, 2, C)
             width = query.shape[-1]
             heads = width // 16
             expected = []
-            for keys, projection in ((video_input.slow, model.slowAttn[block]), (video_input.fast, model.fastAttn[block])):
+            slow, fast = video_input.clip_features
+            for keys, projection in ((slow, model.slowAttn[block]), (fast, model.fastAttn[block])):
                 key = projection(keys)  # (N, C)
                 q = query.reshape(-1, heads, 16).permute(1, 0, 2)  # (heads, F*2, 16)
                 k = key.reshape(-1, heads, 16).permute(1, 0, 2)  # (heads, N, 16)
@@ -236,14 +237,14 @@ def test_modulator_follows_the_released_computation(tiny_backbone, video_input):
             torch.testing.assert_close(terms[i], expected, atol=1e-4, rtol=1e-4)
             linear = model.linearBlocks[block]
             torch.testing.assert_close(gamma[i], torch.relu(linear.weight[0] @ expected + linear.bias[0]))
-        score = model._video_score(layers, queries, video_input.slow, video_input.fast).score
+        score = model._video_score(layers, queries, *video_input.clip_features).score
     torch.testing.assert_close(score, (layers * gamma).mean(dim=1).mean())
 
 
 def test_modulator_and_slowfast_features_change_the_score(genzvqa, video_input):
     from diqa_cli.models.genziqa import GenzIQA
 
-    frames, slow, fast = video_input.frames, video_input.slow, video_input.fast
+    frames, (slow, fast) = video_input.frames, video_input.clip_features
     with torch.no_grad():
         modulated = genzvqa.score_video(frames, slow, fast)
         other_motion = genzvqa.score_video(frames, slow * 0.5 + 1.0, fast.flip(0) + 1.0)
@@ -285,8 +286,8 @@ def test_checkpoint_round_trip_names_the_slowfast(genzvqa, slowfast, video_input
 
     loaded, _ = load_head(path, backbone=tiny_backbone)
     with torch.no_grad():
-        expected = genzvqa.score_video(video_input.frames, video_input.slow, video_input.fast)
-        actual = loaded.score_video(video_input.frames, video_input.slow, video_input.fast)
+        expected = genzvqa.score_video(video_input.frames, *video_input.clip_features)
+        actual = loaded.score_video(video_input.frames, *video_input.clip_features)
     torch.testing.assert_close(actual, expected)
 
     with pytest.raises(WeightsError, match="unexpected keys"):
@@ -305,20 +306,22 @@ def test_training_reaches_prompt_lora_and_modulator_only(tiny_backbone, slowfast
     from types import SimpleNamespace
 
     from diqa_cli.models.genziqa import GenzIQA
-    from diqa_cli.models.genzvqa import GenzVQA, VideoTrainingSet
+    from diqa_cli.models.genzvqa import GenzVQA
+    from diqa_cli.pipelines.datasets import VideoSet
 
     model = GenzVQA(tiny_backbone, **GenzVQA.tiny_config())
     image_head = GenzIQA(tiny_backbone, seed=7)
-    model.load_image_checkpoint(image_head.checkpoint_state_dict())  # start from a GenzIQA head
+    model.load_init_state_dict(image_head.checkpoint_state_dict(), "genziqa")  # start from a GenzIQA head
     assert torch.equal(model.ctx, image_head.ctx)
 
     rows = [SimpleNamespace(path=videos["h264"]), SimpleNamespace(path=videos["vp9"]), SimpleNamespace(path="/no/such.mp4")]
-    data = VideoTrainingSet(rows, model, slowfast, max_frames=2, max_clips=2)
+    model.adopt_clip_encoder(slowfast)
+    data = VideoSet(rows, model, slowfast, max_frames=2, max_clips=2)
     assert len(data) == 2 and "no such file" in next(iter(data.failed.values()))
     assert (model.config["slowfast"], model.config["slowfast_sha256"]) == (slowfast.ref, slowfast.identity)
     batch, kept = data.batch([0, 1])
     assert kept == [0, 1] and [tuple(f.shape) for f in batch.frames] == [(2, 3, 64, 64)] * 2
-    assert [tuple(s.shape) for s in batch.slow] == [(2, 256)] * 2
+    assert [tuple(slow.shape) for slow, _ in batch.clip_features] == [(2, 256)] * 2
 
     names = set(model.trainable_parameter_names())
     params = dict(model.named_parameters())

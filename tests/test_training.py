@@ -305,7 +305,7 @@ def test_genziqa_prompts_and_lora_learn_the_labels_not_chance(unit_latent_backbo
 def test_sidecar_records_training_and_scores_come_back_on_the_mos_scale(trained):
     from diqa_cli.checkpoint import load_head, read_sidecar
     from diqa_cli.imageio import InputItem
-    from diqa_cli.scoring import score_images
+    from diqa_cli.pipelines.images import score_images
 
     checkpoint, labels = trained
     sidecar = read_sidecar(checkpoint)
@@ -395,7 +395,7 @@ def test_init_continues_a_head_of_the_same_method_only(tiny_dir, trained, tmp_pa
 def test_distilled_student_follows_its_teacher(trained, tmp_path):
     from diqa_cli.checkpoint import load_head, read_sidecar
     from diqa_cli.imageio import InputItem
-    from diqa_cli.scoring import score_images
+    from diqa_cli.pipelines.images import score_images
     from diqa_cli.training import distill
 
     teacher_checkpoint, labels = trained
@@ -445,7 +445,7 @@ def test_distill_refuses_a_teacher_that_is_not_dpiqa(trained, tmp_path):
     student_cls = load_model_class(get_method("dpiqa-student"))
     student = student_cls(teacher.backbone, **student_cls.tiny_config())
     save_head(student, tmp_path / "student.safetensors", normalisation={"offset": 0.0, "scale": 1.0})
-    with pytest.raises(UsageError, match="is a 'dpiqa-student' head; distillation needs a DP-IQA teacher"):
+    with pytest.raises(UsageError, match=r"is a 'dpiqa-student' head; distillation needs the head of a teacher method \(dpiqa\)"):
         distill(tmp_path / "student.safetensors", labels, out=tmp_path / "x.safetensors", device="cpu", dtype="fp32", offline=True)
 
 

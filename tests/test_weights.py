@@ -453,3 +453,12 @@ def test_convert_entry_maps_keys_through_the_method_and_resolves_to_the_copy(
     assert weights.resolve("released") == out  # the safetensors copy, no pickle needed
     statuses = {r.path: r.status for r in weights.verify(["released"])}
     assert statuses == {"released.pth": "ok", "released.safetensors": "ok"}
+
+
+def test_the_packaged_manifest_is_the_top_level_one():
+    """weights_manifest.json at the top of the repository is the one source of truth; the copy in
+    the package (what an installed diqa reads) must be byte-identical (`make manifest` copies it)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "diqa_cli" / "data" / "weights_manifest.json").read_bytes() == (root / "weights_manifest.json").read_bytes()

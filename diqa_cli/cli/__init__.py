@@ -11,10 +11,11 @@ import functools
 import importlib
 import os
 import sys
+import warnings
 
 import typer
 
-from diqa_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, DiqaError
+from diqa_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, DiqaError, DiqaWarning
 
 app = typer.Typer(
     name="diqa",
@@ -87,6 +88,15 @@ def _wrap_commands(typer_app: typer.Typer) -> None:
 _wrap_commands(app)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """The library's own warnings (``DiqaWarning``) as one ``diqa: warning: …`` line on stderr;
+    other libraries' warnings as Python shows them."""
+    if issubclass(category, DiqaWarning):
+        print(f"diqa: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
     """Console-script entry point: maps diqa's errors to documented exit codes.
 
@@ -95,6 +105,7 @@ def main() -> None:
     errors are recognised by class name: typer 0.29 vendors click (``typer._click``), older typer
     uses click itself, and both name them ``ClickException`` / ``UsageError``.
     """
+    warnings.showwarning = _show_warning
     try:
         code = app(standalone_mode=False)
     except typer.Abort:

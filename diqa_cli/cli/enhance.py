@@ -15,8 +15,6 @@ import typer
 
 from diqa_cli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, UsageError
 
-# The issue's example prior: LGDM/PMG (`pmg` is its alias).
-_DEFAULT_PRIOR = "lgdm"
 REPORT_FORMAT = "diqa-enhance/1"
 
 
@@ -40,7 +38,7 @@ def enhance(
     prior: Optional[str] = typer.Option(
         None, "--prior", "-p", show_default=False,
         help="Quality prior: a registered image method or alias (pmg/lgdm, dpiqa, genziqa…). "
-        f"Default: the checkpoint's method, else {_DEFAULT_PRIOR}.",
+        "Default: the checkpoint's method, else the registry's enhance default (lgdm).",
     ),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", "-c", show_default=False,
@@ -107,7 +105,7 @@ def enhance(
     from diqa_cli.enhance.map import MapSettings
     from diqa_cli.home import offline_requested
     from diqa_cli.imageio import expand_inputs
-    from diqa_cli.methods import get_method
+    from diqa_cli.methods import default_method, get_method
 
     if output_mode not in OUTPUT_MODES:
         raise UsageError(f"--output-mode {output_mode!r} is not one of {', '.join(OUTPUT_MODES)}")
@@ -121,7 +119,8 @@ def enhance(
         from diqa_cli.checkpoint import read_sidecar
 
         sidecar = read_sidecar(checkpoint)  # a missing or foreign checkpoint fails before torch loads
-    method = get_method(prior or (sidecar["method"] if sidecar else _DEFAULT_PRIOR))
+    chosen = prior or (sidecar["method"] if sidecar else None)
+    method = get_method(chosen) if chosen else default_method("enhance")
     if method.input_kind != "image":
         raise UsageError(f"--prior {method.name!r} scores {method.input_kind}s; enhancement needs an image method (see `diqa methods`)")
     if report is not None and report.is_dir():
@@ -169,11 +168,12 @@ def _build(method, checkpoint, backbone, device, dtype, offline, seed, settings)
     with the seed actually used)."""
     from dataclasses import replace
 
-    from diqa_cli.enhance.map import MapEnhancer, QualityPrior
-    from diqa_cli.scoring import load_scorer
+    from diqa_cli.enhance.map import MapEnhancer
+    from diqa_cli.metric import create_metric
 
-    model, sidecar = load_scorer(method, backbone=backbone, checkpoint=str(checkpoint) if checkpoint else None,
-                                 device=device, dtype=dtype, offline=offline, seed=seed)
+    metric = create_metric(method, checkpoint=checkpoint, backbone=backbone, device=device, dtype=dtype,
+                           offline=offline, seed=seed)
+    model, sidecar = metric.model, metric.sidecar
     diffusion = model.backbone
     if diffusion is None:  # a prior without a diffusion backbone (the DP-IQA student)
         from diqa_cli.backbone import load_backbone
@@ -182,7 +182,7 @@ def _build(method, checkpoint, backbone, device, dtype, offline, seed, settings)
         diffusion = load_backbone(ref, device=device, dtype=dtype, offline=offline)
         model.to(diffusion.device)
     settings = replace(settings, seed=int(model.config.get("seed", sidecar.get("seed", 0)) if seed is None else seed))
-    enhancer = MapEnhancer(diffusion, QualityPrior(model, sidecar["score_normalisation"]), settings, offline=offline)
+    enhancer = MapEnhancer(diffusion, metric, settings, offline=offline)
     prior = {
         "method": model.method_name,
         "checkpoint": str(checkpoint) if checkpoint else sidecar.get("released_weights"),

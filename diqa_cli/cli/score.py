@@ -17,8 +17,6 @@ from diqa_cli.cli._terminal import progress_bar, same_terminal, tell
 from diqa_cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from diqa_cli.output import FORMATS, columns_for, default_format, open_writer, rich_console
 
-_DEFAULT_METHOD = "dpiqa"
-
 
 def register(app: typer.Typer) -> None:
     app.command("score")(score)
@@ -34,7 +32,7 @@ def score(
     ),
     method: str | None = typer.Option(
         None, "--method", "-m",
-        help=f"Method (see `diqa methods`). Default: the checkpoint's method, else {_DEFAULT_METHOD}.",
+        help="Method (see `diqa methods`). Default: the checkpoint's method, else the registry's image default.",
         show_default=False,
     ),
     backbone: str | None = typer.Option(
@@ -93,7 +91,7 @@ def score(
     stderr), 2 usage error, 1 fatal (weights missing, bad checkpoint), 130 interrupted.
     """
     from diqa_cli.home import offline_requested
-    from diqa_cli.methods import get_method
+    from diqa_cli.methods import default_method, get_method
 
     fmt = fmt or default_format(sys.stdout)
     if fmt not in FORMATS:
@@ -110,7 +108,7 @@ def score(
         if method is None or sidecar_path(checkpoint).is_file():
             trained = read_sidecar(checkpoint)["method"]
             method = method or trained  # a --method naming another method is refused on loading
-    spec = get_method(method or _DEFAULT_METHOD)
+    spec = get_method(method) if method else default_method("score")
     if spec.input_kind != "image":
         raise UsageError(f"method {spec.name!r} scores {spec.input_kind}s; use `diqa score-{spec.input_kind}`")
     offline = offline_requested(offline)
@@ -150,8 +148,10 @@ def score(
 
 def _write_rows(items, rows, spec, checkpoint, fmt: str, *, cached_column: bool) -> int:
     """Write ``rows`` to stdout as they come; returns how many failed."""
+    from diqa_cli.scoring import checkpoint_label
+
     # The released weights' manifest name stands for the checkpoint when none was given.
-    context = {"checkpoint": str(checkpoint) if checkpoint is not None else spec.released_weights[0]}
+    context = {"checkpoint": checkpoint_label(checkpoint, spec)}
 
     failed = 0
     # With --db, JSON rows say whether they were reused from it.

@@ -17,8 +17,6 @@ import typer
 from diqa_cli.errors import EXIT_BROKEN_PIPE, EXIT_OK, EXIT_PARTIAL, UsageError
 from diqa_cli.output import FORMATS, default_format, open_writer
 
-_DEFAULT_METHOD = "genzvqa"
-
 # CSV carries the per-video columns; JSON adds the run's context (as ``diqa score`` does); the
 # table keeps what a person reads at a glance.
 _CSV_COLUMNS = (
@@ -57,7 +55,7 @@ def score_video(
         show_default=False,
     ),
     method: str | None = typer.Option(
-        None, "--method", "-m", help=f"Video method (see `diqa methods`). Default: the checkpoint's, else {_DEFAULT_METHOD}.",
+        None, "--method", "-m", help="Video method (see `diqa methods`). Default: the checkpoint's, else the registry's video default.",
         show_default=False,
     ),
     backbone: str | None = typer.Option(
@@ -94,7 +92,7 @@ def score_video(
     """
     from diqa_cli.cli._terminal import progress_bar, same_terminal, tell
     from diqa_cli.home import offline_requested
-    from diqa_cli.methods import get_method
+    from diqa_cli.methods import default_method, get_method
     from diqa_cli.videoio import DECODERS, VIDEO_EXTENSIONS
 
     fmt = fmt or default_format(sys.stdout)
@@ -113,8 +111,7 @@ def score_video(
 
         trained = read_sidecar(checkpoint)["method"]  # a missing or foreign checkpoint fails before torch loads
         method = method or trained
-    method = method or _DEFAULT_METHOD
-    spec = get_method(method)
+    spec = get_method(method) if method else default_method("score-video")
     if spec.input_kind != "video":
         raise UsageError(f"method {spec.name!r} scores images; use `diqa score --method {spec.name}`")
     offline = offline_requested(offline)
@@ -123,11 +120,8 @@ def score_video(
 
     items = expand_inputs(paths, recursive=recursive, stdin=sys.stdin, extensions=VIDEO_EXTENSIONS, kind="video")
 
-    import torch
-
-    from diqa_cli.models.genzvqa import score_videos
-    from diqa_cli.models.slowfast import load_slowfast
     from diqa_cli.scoring import load_scorer
+    from diqa_cli.pipelines.videos import score_videos
 
     model, sidecar = load_scorer(
         spec.name,
@@ -138,17 +132,10 @@ def score_video(
         offline=offline,
         seed=seed,
     )
-    bb = model.backbone
-    extractor = load_slowfast(
-        slowfast or model.config["slowfast"],
-        device=bb.device,
-        # SlowFast is cheap beside the U-Net; half precision only where the U-Net runs in it on a GPU.
-        dtype=bb.dtype if bb.device.type == "cuda" else torch.float32,
-        offline=offline,
-        # A checkpoint's own relative SlowFast path is relative to the checkpoint, not the shell.
-        relative_to=checkpoint.parent if slowfast is None and checkpoint is not None else None,
+    # A checkpoint's own relative SlowFast path is relative to the checkpoint, not the shell.
+    extractor = model.load_clip_encoder(
+        slowfast, relative_to=checkpoint.parent if checkpoint is not None else None, offline=offline
     )
-    model.check_slowfast(extractor)
     context = {"checkpoint": str(checkpoint) if checkpoint is not None else None}
 
     failed = 0

@@ -1,6 +1,6 @@
 """Where scoring runs: ``local`` (this process) or ``ray`` (an actor pool on a Ray cluster).
 
-Both engines run the same scorer, ``scoring.load_scorer`` + ``scoring.score_images``; an engine
+Both engines run the same scorer, ``scoring.load_scorer`` + ``pipelines.images.score_images``; an engine
 only decides where. Each has
 
 * ``settings()``: the :class:`~diqa_cli.store.ScoreSettings` its scores come from (the score
@@ -60,7 +60,7 @@ class ScorerOptions:
 
     def score(self, items, model, sidecar):
         """Rows for ``items`` from a loaded scorer, in input order."""
-        from diqa_cli.scoring import score_images
+        from diqa_cli.pipelines.images import score_images
 
         return score_images(
             items,

@@ -1,7 +1,7 @@
 """Scoring on a Ray cluster: Ray Data's ``map_batches`` over an actor pool, one model per actor.
 
 Each actor builds the scorer once (``ScorerOptions.load``, i.e. ``scoring.load_scorer``) and runs
-``scoring.score_images`` on its batches, so scores, error rows and their reasons are exactly the
+``pipelines.images.score_images`` on its batches, so scores, error rows and their reasons are exactly the
 single-process ones. Actors get one GPU each when the cluster has GPUs (``num_gpus=1``), else
 they are CPU actors sharing the cluster's CPUs. Image paths must be readable at the same path on
 every node (shared storage); only paths travel, never pixels.

@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from diqa_cli.atomic import atomic_write
-from diqa_cli.errors import InputError, UsageError
+from diqa_cli.files import atomic_write
+from diqa_cli.errors import InputError, UsageError, one_line
 
 __all__ = [
     "OUTPUT_MODES",
@@ -312,7 +312,7 @@ def enhance_file(plan: OutputPlan, enhancer, *, output_mode: str = "residual", m
                  progress=None) -> dict:
     """Enhance ``plan.input`` into ``plan.output`` with ``enhancer``
     (:class:`~diqa_cli.enhance.map.MapEnhancer` whose prior is a
-    :class:`~diqa_cli.enhance.map.QualityPrior`); returns the input's report entry.
+    :class:`~diqa_cli.metric.Metric`); returns the input's report entry.
 
     ``prior_before`` and ``prior_after`` are the prior's scores of the input file and of the
     written output file, decoded and resized exactly as ``diqa score`` does; ``fidelity`` is the
@@ -349,7 +349,7 @@ def enhance_file(plan: OutputPlan, enhancer, *, output_mode: str = "residual", m
         try:
             save_atomic(to_input_mode(source, rgb), plan.output, info=source.info)
         except (OSError, ValueError) as exc:  # the format cannot hold the mode, disk full…
-            raise InputError(plan.input, f"cannot write {plan.output}: {_one_line(exc)}") from None
+            raise InputError(plan.input, f"cannot write {plan.output}: {one_line(exc)}") from None
         written = load_image(plan.output, max_pixels=max_pixels)
         with torch.no_grad():
             device = enhancer.backbone.device
@@ -370,11 +370,6 @@ def enhance_file(plan: OutputPlan, enhancer, *, output_mode: str = "residual", m
     except InputError as exc:
         entry["error"] = exc.reason
     except Exception as exc:  # noqa: BLE001 - one input's failure (out of memory…) must not stop the others
-        entry["error"] = f"enhancement failed: {type(exc).__name__}: {_one_line(exc)}"
+        entry["error"] = f"enhancement failed: {type(exc).__name__}: {one_line(exc)}"
     entry["seconds"] = round(time.perf_counter() - started, 3)
     return entry
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

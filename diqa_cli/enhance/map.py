@@ -39,12 +39,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch.nn import functional as F
 
 from diqa_cli.enhance.edict import DEFAULT_MIX, ddim_schedule, edict_generate, edict_invert, unet_noise_predictor
 from diqa_cli.errors import UsageError
 
-__all__ = ["FIDELITIES", "MapSettings", "MapResult", "MapEnhancer", "build_fidelity", "QualityPrior"]
+__all__ = ["FIDELITIES", "MapSettings", "MapResult", "MapEnhancer", "build_fidelity"]
 
 FIDELITIES = ("nlpd", "lpips", "mse")
 
@@ -106,31 +105,6 @@ class MapResult:
         return self.history[self.best_iteration]
 
 
-class QualityPrior:
-    """A quality model as a prior: ``prior(pixels)`` maps (B, 3, R, R) in [0, 1] at any R to
-    (B,) reported scores (raw x scale + offset from the sidecar), differentiably. Images not at
-    the model's ``resolution`` are resized in torch (bicubic, antialiased); callers that want
-    ``diqa score``'s exact numbers resize with ``imageio.resize_for_model`` and ``resample``
-    first. The model is frozen: no parameter gradients are kept."""
-
-    def __init__(self, model, normalisation: dict | None = None):
-        self.model = model.eval().requires_grad_(False)
-        self.offset = float((normalisation or {}).get("offset", 0.0))
-        self.scale = float((normalisation or {}).get("scale", 1.0))
-        self.resolution = int(model.resolution)
-        self.resample = model.spec.resample
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        size = self.resolution
-        if pixels.shape[-2:] != (size, size):
-            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-            pixels = pixels.clamp(0, 1)
-        backbone = self.model.backbone
-        # Backbone-free heads (the DP-IQA student) take their parameters' device and dtype.
-        where = backbone if backbone is not None else next(self.model.parameters())
-        return self.model(pixels.to(where.device, where.dtype)).float() * self.scale + self.offset
-
-
 def build_fidelity(name: str, *, device, offline: bool = False, lpips_weights: str | None = "imagenet"):
     """The fidelity distance by name: ``(x, y) -> (B,)`` for images in [0, 1].
 
@@ -154,12 +128,15 @@ class MapEnhancer:
     """Runs the MAP loop on one backbone with one prior and one fidelity distance.
 
     ``backbone`` provides the VAE, U-Net and schedule (:class:`diqa_cli.backbone.Backbone`);
-    ``prior`` maps (B, 3, R, R) [0, 1] images to (B,) scores, higher better
-    (:class:`QualityPrior`); ``fidelity`` maps two such batches to (B,) distances.
+    ``prior`` maps (B, 3, R, R) [0, 1] images to (B,) reported scores, differentiably: a
+    :class:`diqa_cli.metric.Metric` (the Python API's own object), which resizes to its method's
+    resolution in torch; ``fidelity`` maps two such batches to (B,) distances.
     """
 
     def __init__(self, backbone, prior, settings: MapSettings, *, fidelity=None, offline: bool = False):
         self.backbone = backbone
+        if getattr(prior, "lower_better", False):
+            raise UsageError("enhancement climbs the prior's score, so it needs a method where higher is better")
         self.prior = prior
         self.settings = settings
         self.fidelity = fidelity if fidelity is not None else build_fidelity(

@@ -11,19 +11,60 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from dataclasses import asdict, dataclass, field
 
 from diqa_cli.errors import UsageError
 
-__all__ = ["MethodSpec", "register_method", "get_method", "list_methods", "load_model_class"]
+__all__ = [
+    "COMMANDS",
+    "MethodSpec",
+    "ScoreNormalisation",
+    "TrainingDefaults",
+    "default_method",
+    "get_method",
+    "list_methods",
+    "load_model_class",
+    "register_method",
+]
 
-# Modules of the built-in methods, imported on first use of the registry.
-_BUILTIN_MODULES = ("dpiqa", "dpiqa_student", "genziqa", "lgdm", "genzvqa")
+# The commands a method can be the default of (``MethodSpec.default_for``).
+COMMANDS = ("score", "score-video", "enhance")
+
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """Optimiser settings a method trains with when the user names none (``diqa train``)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    epochs: int = 10
+    grad_clip: float | None = None
+    source: str = "diqa's generic default"  # where the numbers come from
+
+
+@dataclass(frozen=True)
+class ScoreNormalisation:
+    """Reported score = raw * scale + offset (what a head's sidecar records)."""
+
+    offset: float = 0.0
+    scale: float = 1.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"offset": float(self.offset), "scale": float(self.scale)}
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """Everything fixed about a method; nothing per-method lives in the CLI."""
+    """Everything fixed about a method; nothing per-method lives in the CLI or in generic code.
+
+    Behaviour generic code acts on is a typed field here (``needs_backbone``, ``draws_noise``,
+    ``released_normalisation``, ``training``, ``teacher``, ``init_from``, ``default_for``,
+    ``frames_per_video``…); ``extra`` only holds descriptive facts for ``diqa methods`` and no code
+    branches on it.
+    """
 
     name: str
     summary: str
@@ -35,7 +76,7 @@ class MethodSpec:
     resample: str = "bicubic"  # filter of the released code's resize ("bicubic" or "bilinear")
     input_convention: str = "[0,1]"  # what the released code feeds the VAE
     timesteps: tuple[int, ...] = ()
-    score_direction: str = "higher is better"
+    lower_better: bool = False  # score direction: False = higher is better
     score_range: str = "unbounded; trained on MOS scaled to [0,1]"
     checkpoint_layout: str = ""  # what a head checkpoint holds
     licence: str = "Apache-2.0 (diqa code); no released weights"
@@ -43,11 +84,27 @@ class MethodSpec:
     aliases: tuple[str, ...] = ()
     deviations: tuple[str, ...] = ()  # where diqa departs from the released code, one line each
     reconstruction: bool = False  # True when no code was released and diqa rebuilds from the paper
-    extra: dict = field(default_factory=dict)
+    needs_backbone: bool = True  # False: the model runs without diffusion weights (a CNN student)
+    draws_noise: bool = False  # True: scores depend on a seeded noise draw (``--seed`` means something)
+    # How a released, sidecar-less state dict's raw output maps to the reported score.
+    released_normalisation: ScoreNormalisation = ScoreNormalisation()
+    feature_layers: tuple[str, ...] = ()  # backbone layers read with the released configuration
+    training: TrainingDefaults = TrainingDefaults()
+    teacher: str | None = None  # the method this one is distilled from (``diqa distill``)
+    init_from: tuple[str, ...] = ()  # other methods whose heads can start this one's training
+    default_for: tuple[str, ...] = ()  # commands (``COMMANDS``) that use this method when none is named
+    frames_per_video: int | None = None  # video methods: frames scored per video by default
+    training_frames_per_video: int | None = None  # video methods: frames per video in training
+    extra: dict = field(default_factory=dict)  # descriptive only (shown by ``diqa methods``)
+
+    @property
+    def score_direction(self) -> str:
+        return "lower is better" if self.lower_better else "higher is better"
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["timesteps"] = list(self.timesteps)
+        data["score_direction"] = self.score_direction
         return data
 
 
@@ -57,6 +114,10 @@ _loaded = False
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry (a method module calls this once, at import)."""
+    for command in spec.default_for:
+        if command not in COMMANDS:
+            raise ValueError(f"method {spec.name!r}: default_for names {command!r}, not one of {', '.join(COMMANDS)}")
     for key in (spec.name, *spec.aliases):
         owner = _ALIASES.get(key) or (key if key in _REGISTRY else None)
         if owner is not None and owner != spec.name:
@@ -72,8 +133,9 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    for name in _BUILTIN_MODULES:
-        importlib.import_module(f"diqa_cli.methods.{name}")
+    # Every module of this package is a built-in method: adding one is adding its file.
+    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{module.name}")
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="diqa.methods"):
@@ -95,6 +157,15 @@ def get_method(name: str) -> MethodSpec:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise UsageError(f"unknown method {name!r}{hint} (known: {', '.join(sorted(_REGISTRY))})")
+
+
+def default_method(command: str) -> MethodSpec:
+    """The method ``command`` uses when none is named (the spec whose ``default_for`` names it)."""
+    _load_all()
+    for spec in sorted(_REGISTRY.values(), key=lambda s: s.name):
+        if command in spec.default_for:
+            return spec
+    raise UsageError(f"no method is the default for `diqa {command}`; name one with --method")
 
 
 def load_model_class(spec: MethodSpec):

@@ -1,6 +1,6 @@
 """DP-IQA teacher: Stable Diffusion 1.5 U-Net features guided by 1485 quality prompts."""
 
-from diqa_cli.methods import MethodSpec, register_method
+from diqa_cli.methods import MethodSpec, ScoreNormalisation, TrainingDefaults, register_method
 
 _PAPER = (
     "Fu et al., DP-IQA: Utilizing Diffusion Prior for Blind Image Quality Assessment in the Wild, "
@@ -18,7 +18,6 @@ SPEC = register_method(
         resample="bilinear",  # torchvision Resize default in the released transform
         input_convention="[0,1] RGB straight into the VAE (released convention), 512x512 resize without crop",
         timesteps=(1,),
-        score_direction="higher is better",
         score_range=(
             "unbounded regression output; the released code trains on MOS/100 (KonIQ: its CSV's MOS "
             "column / 100), diqa heads on MOS mapped to [0,1]; the sidecar's offset/scale gives the reported score"
@@ -40,13 +39,15 @@ SPEC = register_method(
             "the 1485 prompt features are computed from the released word lists and cached by diqa (the "
             "released code loads a quality_embeddings.pth that is not in its repository)",
         ),
+        # Released heads regress the training label divided by 100; scale 100 reports that label.
+        released_normalisation=ScoreNormalisation(0.0, 100.0),
+        feature_layers=("up.0", "up.1", "up.2", "up.3"),
+        training=TrainingDefaults(1e-5, 0.0, 16, 30, None, "DP-IQA train_dpiqa.py / build.py: Adam 1e-5, batch 16, 30 epochs"),
+        default_for=("score",),
         extra={
-            # Released heads regress the training label divided by 100; scale 100 reports that label.
-            "released_score_normalisation": {"offset": 0.0, "scale": 100.0},
             "prompts": "1485 = 5 qualities x 9 scenes x 33 distortions, 'a photo of a {scene} with "
             "{distortion} artifacts, which is of {quality} quality'",
             "prompt_encoder": "clip-vit-large-patch14 (pooled, projected text features)",
-            "feature_layers": ["up.0", "up.1", "up.2", "up.3"],
         },
     )
 )

@@ -1,6 +1,6 @@
 """DP-IQA student: an EfficientNet-B7 distilled from the DP-IQA teacher's feature map and score."""
 
-from diqa_cli.methods import MethodSpec, register_method
+from diqa_cli.methods import MethodSpec, ScoreNormalisation, TrainingDefaults, register_method
 
 _PAPER = (
     "Fu et al., DP-IQA: Utilizing Diffusion Prior for Blind Image Quality Assessment in the Wild, "
@@ -14,13 +14,12 @@ SPEC = register_method(
         paper=_PAPER,
         model="diqa_cli.models.dpiqa_student:DPIQAStudent",
         # The teacher's backbone, which distillation runs on; scoring with the student never
-        # loads it (extra["needs_backbone"] is False).
+        # loads it (its spec says needs_backbone=False).
         default_backbone="sd15",
         resolution=512,
         resample="bilinear",  # torchvision Resize default in the released transform
         input_convention="[0,1] RGB, no ImageNet normalisation (released convention), 512x512 resize without crop",
         timesteps=(),
-        score_direction="higher is better",
         score_range=(
             "unbounded regression output; the released code trains on MOS/100 (KonIQ: its CSV's MOS "
             "column / 100), diqa heads on MOS mapped to [0,1]; the sidecar's offset/scale gives the reported score"
@@ -36,11 +35,12 @@ SPEC = register_method(
             "'efficientnet-b7-imagenet' entry (released: torchvision pretrained=True download)",
             "the feature-map size and fc1 width follow the input resolution (released hard-codes 512 px)",
         ),
+        # Released heads regress the training label divided by 100; scale 100 reports that label.
+        released_normalisation=ScoreNormalisation(0.0, 100.0),
+        needs_backbone=False,
+        teacher="dpiqa",
+        training=TrainingDefaults(1e-4, 0.0, 24, 30, None, "DP-IQA train_student.py: Adam 1e-4, batch 24, 30 epochs"),
         extra={
-            # Released heads regress the training label divided by 100; scale 100 reports that label.
-            "released_score_normalisation": {"offset": 0.0, "scale": 100.0},
-            "needs_backbone": False,
-            "teacher": "dpiqa",
             "feature_map": "(8, R/8, R/8), matched to the teacher's map in distillation",
         },
     )

@@ -1,6 +1,6 @@
 """GenzIQA: prompt-guided cross-attention of Stable Diffusion 2.1-base as a quality measure."""
 
-from diqa_cli.methods import MethodSpec, register_method
+from diqa_cli.methods import MethodSpec, TrainingDefaults, register_method
 
 GENZIQA_TIMESTEPS = (9, 21, 33, 45, 57, 69, 81, 93)
 
@@ -21,7 +21,6 @@ SPEC = register_method(
         resample="bicubic",
         input_convention="CLIP mean/std",
         timesteps=GENZIQA_TIMESTEPS,
-        score_direction="higher is better",
         score_range="MOS scale of the training set (released: raw MOS)",
         checkpoint_layout=(
             "released names: 'ctx' (16 x text width context vectors, as in coop_Model_state_dict) and "
@@ -42,6 +41,8 @@ SPEC = register_method(
             "LoRA through peft instead of diffusers 0.17's LoRACrossAttnProcessor (same init: down "
             "N(0,1/r), up 0, scale 1)",
         ),
+        draws_noise=True,
+        training=TrainingDefaults(1e-4, 1e-2, 16, 10, 1.0, "GenzIQA: AdamW 1e-4, wd 1e-2, grad-clip 1.0, batch 16, 10 epochs"),
         extra={
             "prompts": ["Good Photo.", "Bad Photo."],
             "context_tokens": 16,

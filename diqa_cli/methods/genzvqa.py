@@ -1,7 +1,7 @@
 """GenzVQA: GenzIQA's prompt-guided cross-attention scores over video frames, modulated per layer
 by SlowFast motion features."""
 
-from diqa_cli.methods import MethodSpec, register_method
+from diqa_cli.methods import MethodSpec, TrainingDefaults, register_method
 
 GENZVQA_TIMESTEPS = (9, 34, 59, 84)
 
@@ -23,7 +23,6 @@ SPEC = register_method(
         resample="bicubic",
         input_convention="CLIP mean/std",
         timesteps=GENZVQA_TIMESTEPS,
-        score_direction="higher is better",
         score_range="MOS scale of the training set (released: raw MOS)",
         checkpoint_layout=(
             "GenzIQA's ('ctx', cross-attention LoRA as diffusers 0.17 save_attn_procs names it) plus the "
@@ -50,13 +49,17 @@ SPEC = register_method(
             "LoRA through peft instead of diffusers 0.17's LoRACrossAttnProcessor (same init: down "
             "N(0,1/r), up 0, scale 1)",
         ),
+        draws_noise=True,
+        training=TrainingDefaults(1e-4, 1e-2, 16, 6, 1.0, "GenzVQA: AdamW 1e-4, wd 1e-2, grad-clip 1.0, batch 16, 6 epochs"),
+        init_from=("genziqa",),  # the released recipe: prompts and LoRA from a GenzIQA head
+        default_for=("score-video",),
+        frames_per_video=8,
+        training_frames_per_video=12,
         extra={
             "interpolation": "bicubic, aspect ratio ignored",
             "prompts": ["Good Photo.", "Bad Photo."],
-            "frames_per_video": 8,
             "frames_note": "8 frames spread over the video unless --fps-sub/--max-frames say otherwise "
             "(released: 8 frames for KoNViD test, 12 for LSVQ training)",
-            "training_frames_per_video": 12,
             "slowfast": "slowfast-r50-k400",
             "slowfast_clip": "32 frames at the native rate, short side 224 + centre crop, Kinetics mean/std; "
             "slow pathway every 4th frame; one clip per second of video, at most 16",

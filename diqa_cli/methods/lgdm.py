@@ -4,7 +4,7 @@ No code was released for this paper: diqa's implementation is a reconstruction f
 and Figure 1 (see diqa_cli/models/lgdm.py for every choice it makes).
 """
 
-from diqa_cli.methods import MethodSpec, register_method
+from diqa_cli.methods import MethodSpec, TrainingDefaults, register_method
 
 LGDM_TIMESTEPS = (100, 75, 50, 25)
 LGDM_LAYERS = ("down.1", "down.2", "mid", "up.0", "up.1", "up.2", "up.3")
@@ -28,7 +28,6 @@ SPEC = register_method(
         resample="bicubic",
         input_convention="[-1,1]",
         timesteps=LGDM_TIMESTEPS,
-        score_direction="higher is better",
         score_range="unbounded regression output; trained on MOS scaled to [0,1] (the sidecar maps it back)",
         checkpoint_layout=(
             "aggregator.projections.{l}.{0,1}.* (LayerNorm + Linear per U-Net layer, shared over timesteps), "
@@ -47,8 +46,12 @@ SPEC = register_method(
             "deterministic: VAE posterior mean and one noise tensor drawn from the recorded seed",
             "gradients with respect to the pixels treat each guidance direction as a constant (no second-order terms)",
         ),
+        draws_noise=True,
+        feature_layers=LGDM_LAYERS,
+        # No released code: diqa's choice for a small regressor on frozen hyperfeatures.
+        training=TrainingDefaults(1e-3, 1e-4, 32, 50, 1.0, "diqa's choice (LGDM has no released code)"),
+        default_for=("enhance",),
         extra={
-            "feature_layers": list(LGDM_LAYERS),
             "guidance": "lambda_m * MSE(y, D(z0|t)) + sum_k lambda_k * d_k(y, D(z0|t)), d_k in LPIPS-alex/vgg, DISTS; "
             "gradient w.r.t. z0|t (default) or z_t",
             "perceptual_weights": {"lpips-vgg": 1.0, "dists": 1.0},

@@ -9,11 +9,17 @@ one input convention is what lets the scoring pipeline, training and enhancement
 Constructor keyword arguments are the model's *config*: they are JSON-serialisable, saved in the
 checkpoint sidecar and passed back on load, so one call rebuilds the model (diffusers'
 ``register_to_config`` habit).
+
+Optional capabilities are declared as :class:`typing.Protocol` classes below and tested with
+``isinstance`` by generic code (training, distillation, conversion, the tiny bundle, the video
+pipeline); generic code never asks for a method by name.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -44,8 +50,19 @@ class QualityModel(nn.Module):
 
     # --- training and checkpoints --------------------------------------------------------
     def trainable_parameter_names(self) -> list[str]:
-        """Names (as in ``state_dict``) of the parameters training updates and checkpoints hold."""
+        """Names (as in ``state_dict``) of the parameters training updates and checkpoints hold:
+        those left requiring gradients by the constructor, or the ones recorded by :meth:`freeze`."""
+        recorded = self.__dict__.get("_trainable_names")
+        if recorded is not None:
+            return list(recorded)
         return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    def freeze(self) -> QualityModel:
+        """No parameter gradients (scoring, a loss on the pixels), while the model still knows
+        which parameters training updates and its checkpoints hold."""
+        self.__dict__["_trainable_names"] = self.trainable_parameter_names()
+        self.requires_grad_(False)
+        return self
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """What a head checkpoint holds: the trainable parameters and the buffers they need."""
@@ -103,3 +120,123 @@ class QualityModel(nn.Module):
     def feature_layers(self) -> list[str]:
         """Names of the backbone layers the method reads (recorded in the sidecar)."""
         return []
+
+
+# --- optional capabilities ---------------------------------------------------------------------
+
+
+@runtime_checkable
+class CachedFeatures(Protocol):
+    """Frozen features that no trainable parameter changes: training computes them once per image
+    and fits the head on them (LGDM's hyperfeatures)."""
+
+    def extract_features(self, pixels: torch.Tensor) -> Any:
+        """(B, 3, R, R) in [0, 1] -> a tensor or nest of tensors with B first."""
+
+    def head_forward(self, features: Any) -> torch.Tensor:
+        """Features of a batch -> (B,) raw scores."""
+
+
+@runtime_checkable
+class FeatureMapModel(Protocol):
+    """Gives the spatial map its score is read from: a distillation teacher (the map is the
+    target) or student (the map is matched), and the source of quality maps."""
+
+    def forward_with_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, R, R) in [0, 1] -> ((B,) raw scores, (B, C, h, w) map)."""
+
+
+@runtime_checkable
+class ReleasedCheckpoint(Protocol):
+    """Reads the released code's checkpoint layout (``diqa weights convert --method``)."""
+
+    @classmethod
+    def convert_released_state_dict(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A released state dict -> this model's checkpoint names (unused keys dropped)."""
+
+
+@runtime_checkable
+class BatchNormCalibration(Protocol):
+    """Has BatchNorm layers whose running statistics can be set from example images (an untrained
+    network's would give every image the same score)."""
+
+    def set_batchnorm_statistics(self, pixels: torch.Tensor) -> None:
+        """Set the running statistics from (N, 3, R, R) images in [0, 1]."""
+
+
+@runtime_checkable
+class InitFromHead(Protocol):
+    """Training can start from another method's head (the spec's ``init_from`` names which)."""
+
+    def load_init_state_dict(self, state: dict[str, torch.Tensor], method: str) -> None:
+        """Load the parts of a ``method`` head this model shares with it; the rest stays as built."""
+
+
+@runtime_checkable
+class TinyAssets(Protocol):
+    """Needs files besides the tiny backbone in the tiny bundle (a video model's clip encoder)."""
+
+    @classmethod
+    def write_tiny_assets(cls, directory: Path) -> None:
+        """Write them into the bundle folder ``directory`` (where ``tiny_config`` expects them)."""
+
+
+@runtime_checkable
+class ImageNetInit(Protocol):
+    """Can start training from ImageNet weights of its trunk (the released student recipe)."""
+
+    def load_imagenet_weights(self, *, offline: bool = False) -> None:
+        """Load the trunk's ImageNet weights through the weights manifest."""
+
+
+# --- video models ------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class ClipEncoder(Protocol):
+    """A frozen network that reads short clips at the native frame rate (SlowFast for GenzVQA).
+    Clips are ``clip_frames`` frames, short side resized to ``crop_size`` and centre-cropped,
+    normalised with ``config["mean"]`` / ``config["std"]``."""
+
+    ref: str  # what the user named (manifest name or file)
+    identity: str | None  # SHA-256 of its weights
+    clip_frames: int
+    crop_size: int
+    config: dict
+
+    def extract_features(self, clips: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(N, 3, T, S, S) -> per clip features, each (N, D_k)."""
+
+
+@dataclass
+class VideoScore:
+    """One video's result: ``score`` (raw, a 0-d tensor, differentiable), ``frame_scores`` (F,)
+    and whatever else the method reports (``details``, name -> tensor)."""
+
+    score: torch.Tensor
+    frame_scores: torch.Tensor
+    details: dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class VideoQualityModel(Protocol):
+    """A video method: frames are scored in batches, clips are read by a clip encoder, and the two
+    are combined into one score per video. The video pipeline (:mod:`diqa_cli.pipelines.videos`)
+    decodes frames and clips and calls only these.
+
+    ``clip_encoder_column`` names the output column that records the clip encoder's weights."""
+
+    clip_encoder_column: ClassVar[str]
+
+    def load_clip_encoder(
+        self, ref: str | None = None, *, relative_to: str | Path | None = None, offline: bool = False
+    ) -> ClipEncoder:
+        """The clip encoder this head reads (``ref`` replaces the head's own; a relative path in the
+        head's config is taken from ``relative_to``, its checkpoint's folder), on the model's device,
+        checked against what the head was trained with."""
+
+    def frame_features(self, pixels: torch.Tensor) -> Any:
+        """Frames (B, 3, R, R) in [0, 1] -> a tensor or nest of tensors with B first."""
+
+    def video_score(self, frame_features: Any, clip_features: tuple[torch.Tensor, ...]) -> VideoScore:
+        """All frames' features (concatenated) and all clips' features (N, D_k) -> the video's score."""

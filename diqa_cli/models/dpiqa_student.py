@@ -167,8 +167,7 @@ class DPIQAStudent(QualityModel):
     def load_imagenet_weights(self, *, offline: bool = False) -> None:
         """Initialise the EfficientNet from torchvision's ImageNet weights, taken through the
         weights manifest (for training from scratch; a trained checkpoint replaces them)."""
-        from safetensors.torch import load_file
-
+        from diqa_cli.files import read_safetensors
         from diqa_cli.weights import resolve
 
         arch = self.config["arch"]
@@ -178,7 +177,7 @@ class DPIQAStudent(QualityModel):
                 f"no ImageNet weights in the manifest for {arch!r} (only {', '.join(IMAGENET_WEIGHTS)}); "
                 "train it from random initialisation"
             )
-        state = load_file(str(resolve(name, offline=offline)))
+        state = read_safetensors(resolve(name, offline=offline))
         # The ImageNet classifier is not part of the student.
         features = {key: value for key, value in state.items() if key.startswith("features.")}
         result = self.base_model.load_state_dict(features, strict=False)

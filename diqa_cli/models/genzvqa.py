@@ -42,35 +42,22 @@ once features were computed with them, their SHA-256 (``slowfast_sha256``).
 
 from __future__ import annotations
 
-import contextlib
-import math
-import queue
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diqa_cli.errors import InputError, UsageError, WeightsError
+from diqa_cli.errors import DiqaWarning, UsageError, WeightsError
 from diqa_cli.methods.genzvqa import GENZVQA_TIMESTEPS
 from diqa_cli.models.genziqa import GenzIQA
 from diqa_cli.models.slowfast import SLOWFAST_MANIFEST_NAME, SlowFastFeatures, tiny_slowfast_config
 
-__all__ = [
-    "GenzVQA",
-    "KeyProjection",
-    "VideoBatch",
-    "VideoInput",
-    "VideoScore",
-    "VideoTrainingSet",
-    "load_video_input",
-    "score_videos",
-]
+__all__ = ["GenzVQA", "KeyProjection", "VideoScore", "released_block_name"]
 
 # Training draws t uniformly from [0, 100), the released range.
 _TRAIN_TIMESTEPS = 100
@@ -126,6 +113,7 @@ class GenzVQA(GenzIQA):
     ``logit_scale`` (8, the released ``/ 64 ** -0.5``) and ``head_dim`` (64)."""
 
     method_name = "genzvqa"
+    clip_encoder_column: ClassVar[str] = "slowfast"  # the output column naming the SlowFast weights
 
     def __init__(
         self,
@@ -198,8 +186,6 @@ class GenzVQA(GenzIQA):
     def check_slowfast(self, extractor: SlowFastFeatures) -> None:
         """Refuse a SlowFast whose feature widths the modulator cannot read; warn when its weights
         are not the ones the checkpoint recorded; record them when none were."""
-        import sys
-
         dims = extractor.feature_dims
         wanted = (self.config["slow_dim"], self.config["fast_dim"])
         if dims != wanted:
@@ -209,14 +195,47 @@ class GenzVQA(GenzIQA):
             )
         recorded = self.config.get("slowfast_sha256")
         if recorded and extractor.identity and extractor.identity != recorded:
-            print(
-                f"diqa: warning: the GenzVQA head was trained with SlowFast weights {self.config['slowfast']!r} "
+            warnings.warn(
+                f"the GenzVQA head was trained with SlowFast weights {self.config['slowfast']!r} "
                 f"(sha256 {recorded[:12]}), but {extractor.ref!r} has sha256 {extractor.identity[:12]}; "
                 "scores will not match the trained head",
-                file=sys.stderr,
+                DiqaWarning,
+                stacklevel=2,
             )
         elif not recorded and extractor.identity:
             self.config["slowfast_sha256"] = extractor.identity
+
+    def load_clip_encoder(
+        self, ref: str | None = None, *, relative_to: str | Path | None = None, offline: bool = False
+    ) -> SlowFastFeatures:
+        """The frozen SlowFast this head reads: ``ref``, else the config's ``slowfast`` (a relative
+        path taken from ``relative_to``, the checkpoint's folder), on the U-Net's device, checked
+        with :meth:`check_slowfast`."""
+        from diqa_cli.models.slowfast import load_slowfast
+
+        bb = self.backbone
+        extractor = load_slowfast(
+            ref or self.config["slowfast"],
+            device=bb.device,
+            # SlowFast is cheap beside the U-Net: half precision only where the U-Net runs in it on a GPU.
+            dtype=bb.dtype if bb.device.type == "cuda" else torch.float32,
+            offline=offline,
+            relative_to=relative_to if ref is None else None,
+        )
+        self.check_slowfast(extractor)
+        return extractor
+
+    def adopt_clip_encoder(self, extractor: SlowFastFeatures) -> None:
+        """Training: the head goes with these SlowFast weights, and its sidecar will name them."""
+        self.check_slowfast(extractor)
+        self.config.update(slowfast=extractor.ref, slowfast_sha256=extractor.identity)
+
+    @classmethod
+    def write_tiny_assets(cls, directory: Path) -> None:
+        """The tiny SlowFast, as ``directory/slowfast.safetensors`` (where ``tiny_config`` points)."""
+        from diqa_cli.models.slowfast import write_tiny_slowfast
+
+        write_tiny_slowfast(Path(directory))
 
     # --- scoring ---------------------------------------------------------------------------------
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -260,6 +279,13 @@ class GenzVQA(GenzIQA):
         layers, queries = self.layer_scores(pixels, return_query_features=True)
         return layers, {name: q[:, -1] for name, q in queries.items()}
 
+    def video_score(self, frame_features: tuple, clip_features: tuple[torch.Tensor, ...]) -> VideoScore:
+        """The video pipeline's call: all frames' :meth:`frame_features` and the SlowFast
+        (slow, fast) features of all clips."""
+        layers, queries = frame_features
+        slow, fast = clip_features
+        return self._video_score(layers, queries, slow, fast)
+
     def video_scores(self, frame_batches: Iterable[torch.Tensor], slow: torch.Tensor, fast: torch.Tensor) -> VideoScore:
         """Score one video whose frames arrive in batches (B, 3, R, R) in [0, 1], with its SlowFast
         features slow (N, D_slow) and fast (N, D_fast). Only per-frame layer scores and query means
@@ -284,7 +310,8 @@ class GenzVQA(GenzIQA):
 
     # --- training --------------------------------------------------------------------------------
     def training_loss(self, videos, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """MSE of a batch of videos (:class:`VideoBatch`) against ``targets`` (normalised MOS). Each
+        """MSE of a batch of videos (:class:`diqa_cli.pipelines.datasets.VideoBatch`: per video its
+        frames and (slow, fast) SlowFast features) against ``targets`` (normalised MOS). Each
         video draws one t ∈ [0, 100) and one noise tensor from ``generator``, shared by its frames
         (the released training step); all frames of the batch go through the U-Net together."""
         if isinstance(videos, torch.Tensor):
@@ -301,14 +328,14 @@ class GenzVQA(GenzIQA):
             counts.append(len(latents))
         layers, queries = self._chunked(torch.cat(x0), torch.cat(noise), torch.cat(steps), context, True)
         scores = []
-        for i, (layer_part, slow, fast) in enumerate(zip(layers.split(counts), videos.slow, videos.fast)):
+        for i, (layer_part, (slow, fast)) in enumerate(zip(layers.split(counts), videos.clip_features)):
             part = {name: q.split(counts)[i] for name, q in queries.items()}
             scores.append(self._video_score(layer_part, part, slow, fast).score)
         return F.mse_loss(torch.stack(scores), targets.to(layers.device).float())
 
-    def load_image_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
-        """Start from a GenzIQA head: load its ``ctx`` and LoRA (same names) strictly and leave the
-        modulator as initialised, the released way to train GenzVQA."""
+    def load_init_state_dict(self, state: dict[str, torch.Tensor], method: str) -> None:
+        """Start from a GenzIQA head (the spec's ``init_from``): load its ``ctx`` and LoRA (same
+        names) strictly and leave the modulator as initialised, the released way to train GenzVQA."""
         names = GenzIQA._checkpoint_names(self)
         missing = sorted(set(names) - set(state))
         unexpected = sorted(set(state) - set(names))
@@ -330,390 +357,3 @@ class GenzVQA(GenzIQA):
             for name, _ in getattr(self, part).named_parameters():
                 names[f"{part}.{name}"] = f"{part}.{name}"
         return names
-
-
-# --- decoding a video for the model -------------------------------------------------------------
-
-
-@dataclass
-class VideoInput:
-    """One video decoded for GenzVQA: frames (F, 3, R, R) in [0, 1], SlowFast features (N, D) (None
-    when not asked for), and what a row reports (``frames_sampled`` = decoded + ``frames_lost``)."""
-
-    path: str
-    frames: torch.Tensor
-    timestamps: np.ndarray
-    slow: torch.Tensor | None
-    fast: torch.Tensor | None
-    decoder: str
-    duration: float
-    frames_sampled: int
-    frames_lost: int
-    clips: int
-
-
-@dataclass
-class VideoBatch:
-    """A training batch: per video its frames and SlowFast features (videos differ in length)."""
-
-    frames: list[torch.Tensor]
-    slow: list[torch.Tensor]
-    fast: list[torch.Tensor]
-
-    def to(self, device=None, dtype=None) -> VideoBatch:
-        """Frames to ``device`` / ``dtype``; features to ``device`` (kept float32)."""
-        return VideoBatch(
-            [f.to(device=device, dtype=dtype) for f in self.frames],
-            [s.to(device=device) for s in self.slow],
-            [s.to(device=device) for s in self.fast],
-        )
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-
-@dataclass
-class _Decoded:
-    """What the decoding side of one video produced, filled in as it goes."""
-
-    reader: Any = None
-    frames_sampled: int = 0
-    frame_stats: Any = None
-    clip_stats: Any = None
-    decode_seconds: float = 0.0
-
-
-def _decode_items(path, *, model, slowfast, fps_sub, max_frames, max_clips, decoder, batch, state: _Decoded):
-    """Yield ("clip", (3, T, S, S) float32) for every SlowFast clip (none when ``slowfast`` is
-    None), then ("frames", (timestamps, (b, 3, R, R) float32)) for the chosen frames in batches.
-    Time spent here is decoding (and resizing), recorded in ``state.decode_seconds``."""
-    from diqa_cli.videoio import DecodeStats, open_video, resize_frame
-
-    start = time.perf_counter()
-    reader = state.reader = open_video(path, decoder=decoder)
-    try:
-        if fps_sub is None and max_frames is None:
-            max_frames = model.spec.extra.get("frames_per_video", 8)
-        state.clip_stats, state.frame_stats = DecodeStats(), DecodeStats()
-        if slowfast is not None:
-            plan = reader.clip_plan(clip_len=slowfast.clip_frames, max_clips=max_clips)
-            mean, std = slowfast.config["mean"], slowfast.config["std"]
-            for clip in reader.clips(plan, size=slowfast.crop_size, mean=mean, std=std, stats=state.clip_stats):
-                state.decode_seconds += time.perf_counter() - start
-                yield "clip", clip
-                start = time.perf_counter()
-        # Planned after the clips: should decord have failed on them, PyAV's timeline is the one.
-        frames = reader.plan(fps_sub=fps_sub, max_frames=max_frames)
-        state.frames_sampled = frames.sampled
-        state.frame_stats.requested += frames.unreachable  # sample times past a cut-short end: lost
-        resample = model.spec.resample
-        for chunk in reader.frames(frames.indices, batch=batch, stats=state.frame_stats):
-            pixels = np.stack([resize_frame(rgb, model.resolution, resample=resample) for rgb in chunk.frames])
-            state.decode_seconds += time.perf_counter() - start
-            yield "frames", (chunk.timestamps, pixels)
-            start = time.perf_counter()
-        state.decode_seconds += time.perf_counter() - start
-    finally:
-        reader.close()
-
-
-def _background(items: Iterator, depth: int = 2) -> Iterator:
-    """Run ``items`` in a thread ``depth`` items ahead, so decoding overlaps the networks (both
-    release the GIL). Exceptions reach the consumer; closing the consumer stops the thread."""
-    channel: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(message) -> bool:
-        while not stop.is_set():
-            try:
-                channel.put(message, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-            put(("done", None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer as it is
-            put(("error", exc))
-        finally:
-            with contextlib.suppress(Exception):
-                items.close()
-
-    worker = threading.Thread(target=run, name="diqa-video-decode", daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, value = channel.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        worker.join(timeout=10)
-
-
-def _slowfast_features(slowfast: SlowFastFeatures, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    device = next(slowfast.parameters()).device
-    return slowfast.extract_features(torch.from_numpy(np.stack(clips)).to(device))
-
-
-def load_video_input(
-    path: str,
-    model: GenzVQA,
-    slowfast: SlowFastFeatures | None,
-    *,
-    fps_sub: float | None = None,
-    max_frames: int | None = None,
-    max_clips: int = 16,
-    decoder: str = "auto",
-    clip_batch: int = 4,
-) -> VideoInput:
-    """Decode one video for ``model``: its chosen frames at the model's resolution and its SlowFast
-    features (computed here; with ``slowfast`` None, frames only and ``slow``/``fast`` None).
-    Raises ``InputError`` when nothing usable decodes."""
-    state = _Decoded()
-    clips, slow, fast, frames, times = [], [], [], [], []
-    for kind, value in _decode_items(
-        path, model=model, slowfast=slowfast, fps_sub=fps_sub, max_frames=max_frames,
-        max_clips=max_clips, decoder=decoder, batch=8, state=state,
-    ):
-        if kind == "clip":
-            clips.append(value)
-            if len(clips) == clip_batch:
-                s, f = _slowfast_features(slowfast, clips)
-                slow.append(s), fast.append(f)
-                clips = []
-        else:
-            times.append(value[0])
-            frames.append(torch.from_numpy(value[1]))
-    if clips:
-        s, f = _slowfast_features(slowfast, clips)
-        slow.append(s), fast.append(f)
-    _check_decoded(path, state, frames, slow if slowfast is not None else [None])
-    return VideoInput(
-        path=str(path),
-        frames=torch.cat(frames),
-        timestamps=np.concatenate(times),
-        slow=torch.cat(slow).cpu() if slow else None,
-        fast=torch.cat(fast).cpu() if fast else None,
-        decoder=state.reader.decoder,
-        duration=state.reader.duration,
-        frames_sampled=state.frames_sampled,
-        frames_lost=state.frame_stats.lost,
-        clips=sum(len(s) for s in slow),
-    )
-
-
-def _check_decoded(path, state: _Decoded, frames: list, slow: list) -> None:
-    if not frames:
-        raise InputError(path, f"none of the {state.frames_sampled} chosen frames could be decoded")
-    if not slow:
-        raise InputError(path, "no SlowFast clip could be decoded")
-
-
-# --- the scoring pipeline -----------------------------------------------------------------------
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def score_videos(
-    items: Iterable,
-    model: GenzVQA,
-    slowfast: SlowFastFeatures,
-    *,
-    normalisation: dict,
-    fps_sub: float | None = None,
-    max_frames: int | None = None,
-    max_clips: int = 16,
-    decoder: str = "auto",
-    batch_size: int = 8,
-    clip_batch: int = 4,
-    per_frame: bool = False,
-    timings: dict | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Score videos one after another; yields one row per item, in order.
-
-    ``items``: paths or ``imageio.InputItem`` (whose ``error`` makes an error row). Row keys:
-    ``path, score, raw_score, status, error, frames_sampled, frames_decoded, frames_lost, decoder,
-    duration, clips, method, backbone, slowfast, seconds`` and, with ``per_frame``, ``per_frame``:
-    [{"time": seconds, "score": reported score}] per decoded frame. ``score = raw * scale + offset``.
-    Decoding runs a thread ahead of the networks. ``timings`` (a dict) accumulates ``decode``,
-    ``slowfast``, ``unet`` and ``wall`` seconds (decoding overlaps the networks, so the parts can
-    add up to more than the wall time).
-    """
-    offset, scale = float(normalisation["offset"]), float(normalisation["scale"])
-    context = {"method": model.method_name, "backbone": str(model.backbone.ref), "slowfast": slowfast.ref}
-    model.eval()
-    totals = timings if timings is not None else {}
-    for key in ("decode", "slowfast", "unet", "wall"):
-        totals.setdefault(key, 0.0)
-    for item in items:
-        path = str(getattr(item, "path", item))
-        error = getattr(item, "error", None)
-        if error:
-            yield _error_row(path, error, context)
-            continue
-        started = time.perf_counter()
-        state = _Decoded()
-        try:
-            row = _score_one(
-                path, model, slowfast, state, offset=offset, scale=scale, fps_sub=fps_sub,
-                max_frames=max_frames, max_clips=max_clips, decoder=decoder, batch_size=batch_size,
-                clip_batch=clip_batch, per_frame=per_frame, totals=totals,
-            )
-        except InputError as exc:
-            row = _error_row(path, exc.reason, context)
-        except (UsageError, WeightsError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - one video's failure must not stop the run
-            row = _error_row(path, f"scoring failed: {type(exc).__name__}: {_one_line(exc)}", context)
-        totals["decode"] += state.decode_seconds
-        seconds = time.perf_counter() - started
-        totals["wall"] += seconds
-        row.update(context, seconds=seconds)
-        if state.reader is not None and row["status"] == "error":
-            row.update(decoder=state.reader.decoder, duration=state.reader.duration)
-        yield row
-
-
-def _error_row(path: str, reason: str, context: dict) -> dict[str, Any]:
-    return {"path": path, "score": None, "raw_score": None, "status": "error", "error": reason, **context}
-
-
-def _score_one(path, model, slowfast, state, *, offset, scale, fps_sub, max_frames, max_clips, decoder,
-               batch_size, clip_batch, per_frame, totals) -> dict[str, Any]:
-    items = _background(
-        _decode_items(
-            path, model=model, slowfast=slowfast, fps_sub=fps_sub, max_frames=max_frames,
-            max_clips=max_clips, decoder=decoder, batch=batch_size, state=state,
-        )
-    )
-    clips, slow, fast, layers, times = [], [], [], [], []
-    queries: dict[str, list[torch.Tensor]] = {name: [] for name in model.feature_layers()}
-
-    def run_slowfast() -> None:
-        began = time.perf_counter()
-        s, f = _slowfast_features(slowfast, clips)
-        slow.append(s), fast.append(f)
-        clips.clear()
-        totals["slowfast"] += time.perf_counter() - began
-
-    device, dtype = model.backbone.device, model.backbone.dtype
-    with contextlib.closing(items), torch.no_grad():
-        for kind, value in items:
-            if kind == "clip":
-                clips.append(value)
-                if len(clips) == clip_batch:
-                    run_slowfast()
-                continue
-            if clips:
-                run_slowfast()
-            began = time.perf_counter()
-            frame_times, pixels = value
-            layer_part, query_part = model.frame_features(torch.from_numpy(pixels).to(device, dtype))
-            layers.append(layer_part)
-            for name, q in query_part.items():
-                queries[name].append(q)
-            times.extend(frame_times.tolist())
-            totals["unet"] += time.perf_counter() - began
-        if clips:
-            run_slowfast()
-        _check_decoded(path, state, layers, slow)
-        began = time.perf_counter()
-        result = model._video_score(
-            torch.cat(layers), {name: torch.cat(parts) for name, parts in queries.items()},
-            torch.cat(slow), torch.cat(fast),
-        )
-        totals["unet"] += time.perf_counter() - began
-    raw = float(result.score)
-    if not math.isfinite(raw):
-        raise InputError(path, f"model returned a non-finite score ({raw})")
-    row = {
-        "path": path,
-        "score": raw * scale + offset,
-        "raw_score": raw,
-        "status": "ok",
-        "error": None,
-        "frames_sampled": state.frames_sampled,
-        "frames_decoded": state.frame_stats.decoded,
-        "frames_lost": state.frame_stats.lost,
-        "decoder": state.reader.decoder,
-        "duration": state.reader.duration,
-        "clips": sum(len(s) for s in slow),
-    }
-    if per_frame:
-        frame_scores = result.frame_scores.cpu().tolist()
-        row["per_frame"] = [{"time": t, "score": s * scale + offset} for t, s in zip(times, frame_scores)]
-    return row
-
-
-# --- training -----------------------------------------------------------------------------------
-
-
-class VideoTrainingSet:
-    """Label rows of videos for GenzVQA training, with the interface of the image training set:
-    ``rows``, ``failed``, ``len()`` and ``batch(indices) -> (VideoBatch | None, kept indices)``.
-
-    SlowFast features are frozen, so they are computed once per video here; frames (12 per video
-    by default, the released LSVQ training setting) are decoded again for each batch, so memory
-    stays bounded whatever the set's size. Videos that cannot be decoded are reported once and left
-    out. The model's config is pointed at ``slowfast`` (ref and SHA-256), so the saved head names the
-    SlowFast it was trained with."""
-
-    def __init__(
-        self,
-        rows: list,
-        model: GenzVQA,
-        slowfast: SlowFastFeatures,
-        *,
-        fps_sub: float | None = None,
-        max_frames: int | None = None,
-        max_clips: int = 16,
-        decoder: str = "auto",
-        log: Callable[[str], None] = lambda _: None,
-    ):
-        model.check_slowfast(slowfast)  # before any decoding: a SlowFast of other widths fails now
-        # The head being trained goes with these SlowFast weights: its sidecar will name them.
-        model.config.update(slowfast=slowfast.ref, slowfast_sha256=slowfast.identity)
-        self.model, self.slowfast, self.log = model, slowfast, log
-        if fps_sub is None and max_frames is None:
-            max_frames = model.spec.extra.get("training_frames_per_video", 12)
-        self.options = {"fps_sub": fps_sub, "max_frames": max_frames, "max_clips": max_clips, "decoder": decoder}
-        self.failed: dict = {}
-        self.rows, self.features = [], []
-        for row in rows:
-            try:
-                video = load_video_input(str(row.path), model, slowfast, **self.options)
-            except InputError as exc:
-                self.failed[row.path] = exc.reason
-                log(f"diqa: skipping {row.path}: {exc.reason}")
-                continue
-            self.rows.append(row)
-            self.features.append((video.slow, video.fast))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batch(self, indices) -> tuple[VideoBatch | None, list[int]]:
-        frames, slow, fast, kept = [], [], [], []
-        for i in indices:
-            try:  # frames only: the features were computed once, above
-                video = load_video_input(str(self.rows[i].path), self.model, None, **self.options)
-            except InputError as exc:
-                self.log(f"diqa: skipping {self.rows[i].path} in this batch: {exc.reason}")
-                continue
-            frames.append(video.frames)
-            slow.append(self.features[i][0])
-            fast.append(self.features[i][1])
-            kept.append(i)
-        return (VideoBatch(frames, slow, fast) if kept else None), kept

@@ -63,7 +63,6 @@ SLOWFAST_R50_CONFIG: dict[str, Any] = {
 
 # Configs that go with manifest entries (the entry's file holds weights only).
 _MANIFEST_CONFIGS = {SLOWFAST_MANIFEST_NAME: SLOWFAST_R50_CONFIG}
-_PICKLE_SUFFIXES = {".pyth", ".pth", ".pt", ".pkl", ".ckpt", ".bin"}
 
 
 def slowfast_config(**overrides: Any) -> dict[str, Any]:
@@ -201,9 +200,7 @@ def load_slowfast(
     (its converted safetensors in the weights cache; fetched unless offline) or a ``.safetensors``
     file with the zoo's key names, its config from ``<file>.json`` beside it when present, else
     R50's. A relative path is taken from ``relative_to`` (a checkpoint's folder) when given."""
-    from safetensors.torch import load_file
-
-    from diqa_cli.backbone import file_sha256
+    from diqa_cli.files import file_sha256, read_safetensors, refuse_pickle
 
     if ref in _MANIFEST_CONFIGS:
         from diqa_cli.weights import resolve
@@ -214,11 +211,7 @@ def load_slowfast(
         path = Path(ref).expanduser()
         if not path.is_absolute() and relative_to is not None:
             path = Path(relative_to) / path
-        if path.suffix.lower() in _PICKLE_SUFFIXES:
-            raise WeightsError(
-                f"{path}: pickle checkpoints are not loaded because they can run code; convert it once "
-                f"with `diqa weights convert {path}` and pass the .safetensors file"
-            )
+        refuse_pickle(path)
         if not path.is_file():
             raise WeightsError(
                 f"SlowFast weights {str(path)!r} do not exist; pass --slowfast {SLOWFAST_MANIFEST_NAME} "
@@ -227,10 +220,7 @@ def load_slowfast(
             )
         config = _config_beside(path) or SLOWFAST_R50_CONFIG
     model = SlowFastFeatures(config)
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+    state = read_safetensors(path)
     model.load_weights(state, str(path))
     model.ref = ref if ref in _MANIFEST_CONFIGS else str(path)
     model.identity = file_sha256(path)
@@ -240,7 +230,7 @@ def load_slowfast(
 def write_tiny_slowfast(directory, *, seed: int = 5) -> Path:
     """Write ``directory/slowfast.safetensors`` (random weights from ``seed``, the zoo's key
     names) and ``directory/slowfast.json`` (its config); returns the safetensors path."""
-    from diqa_cli.safetensors_file import save_safetensors
+    from diqa_cli.files import save_safetensors
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)

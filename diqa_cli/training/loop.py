@@ -1,0 +1,282 @@
+"""The training loop: one optimiser, seeded batches, per-method defaults from the spec.
+
+See :mod:`diqa_cli.training` for what diqa does the same for every method.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from diqa_cli.errors import UsageError
+from diqa_cli.methods import TrainingDefaults
+from diqa_cli.training.labels import default_split, mos_normalisation, normalised_targets, read_labels, select_split
+
+__all__ = ["Optimiser", "build_model", "fit", "rng_devices", "settings_for", "train", "training_record"]
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def build_model(method: str, backbone, config: dict | str | None, seed: int):
+    """The model of ``method`` on ``backbone``, parameters initialised from ``seed``."""
+    import torch
+
+    from diqa_cli.methods import get_method, load_model_class
+
+    cls = load_model_class(get_method(method))
+    if config == "tiny":
+        config = cls.tiny_config()
+    with torch.random.fork_rng(devices=rng_devices(backbone.device) if backbone is not None else []):
+        torch.manual_seed(seed)
+        return cls(backbone, **dict(config or {}))
+
+
+def rng_devices(device) -> list[int]:
+    """The CUDA devices whose generators ``torch.random.fork_rng`` must save for ``device``."""
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def settings_for(spec, *, epochs, batch_size, lr, weight_decay, grad_clip) -> TrainingDefaults:
+    """The spec's training defaults with what the user named instead."""
+    base = spec.training
+    chosen = TrainingDefaults(
+        lr=base.lr if lr is None else float(lr),
+        weight_decay=base.weight_decay if weight_decay is None else float(weight_decay),
+        batch_size=base.batch_size if batch_size is None else int(batch_size),
+        epochs=base.epochs if epochs is None else int(epochs),
+        grad_clip=base.grad_clip if grad_clip is None else (float(grad_clip) or None),
+        source=base.source,
+    )
+    if chosen.epochs < 1 or chosen.batch_size < 1 or not chosen.lr > 0:
+        raise UsageError(
+            f"epochs and batch size must be at least 1 and lr positive (got epochs={chosen.epochs}, "
+            f"batch size={chosen.batch_size}, lr={chosen.lr})"
+        )
+    return chosen
+
+
+class Optimiser:
+    """AdamW over the named trainable parameters (kept in float32), with autocast and a gradient
+    scaler when the backbone runs in half precision."""
+
+    def __init__(self, model, settings: TrainingDefaults):
+        import torch
+
+        device, dtype = model.device, model.dtype  # before trainable parameters become float32
+        names = set(model.trainable_parameter_names())
+        self.params = []
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in names)  # no gradients computed for what stays frozen
+            if name in names:
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+                self.params.append(p)
+        if not self.params:
+            raise UsageError(f"method {model.method_name!r} has no trainable parameters")
+        self.optimiser = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.grad_clip = settings.grad_clip
+        self.autocast_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else None
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    def autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def step(self, loss) -> None:
+        import torch
+
+        self.optimiser.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimiser)
+        else:
+            loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimiser)
+            self.scaler.update()
+        else:
+            self.optimiser.step()
+
+
+def fit(model, data, normalisation, settings: TrainingDefaults, seed: int, optimiser, loss_of, log) -> list[float]:
+    """Epochs of mini-batches in a seeded order; ``loss_of(inputs, kept, targets)`` gives one
+    batch's loss. ``data`` has ``rows`` and ``batch(indices) -> (inputs, kept indices)``.
+    Returns the mean loss of each epoch."""
+    import torch
+
+    order_generator = torch.Generator().manual_seed(seed)
+    device = model.device
+    model.train()
+    losses = []
+    for epoch in range(settings.epochs):
+        total, count = 0.0, 0
+        order = torch.randperm(len(data), generator=order_generator).tolist()
+        for start in range(0, len(order), settings.batch_size):
+            inputs, kept = data.batch(order[start : start + settings.batch_size])
+            if not kept:
+                continue
+            targets = normalised_targets(data.rows, kept, normalisation, device)
+            with optimiser.autocast():
+                loss = loss_of(inputs, kept, targets)
+            optimiser.step(loss)
+            total += float(loss.detach()) * len(kept)
+            count += len(kept)
+        losses.append(total / max(count, 1))
+        log(f"diqa: epoch {epoch + 1}/{settings.epochs} loss {losses[-1]:.5f}")
+    model.eval()
+    return losses
+
+
+def training_record(method, labels_csv, settings, seed, normalisation, n_train, n_failed, split, losses):
+    return {
+        "method": method,
+        "labels": str(Path(labels_csv)),
+        "split": split or "all",
+        "n_train": n_train,
+        "n_failed": n_failed,
+        "optimizer": "AdamW",
+        "seed": seed,
+        "final_loss": losses[-1] if losses else None,
+        **{k: v for k, v in asdict(settings).items() if k != "source"},
+        "defaults_from": settings.source,
+        "normalised_mos": normalisation,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def train(
+    method: str,
+    labels_csv: str | Path,
+    *,
+    backbone: str | None = None,
+    out: str | Path,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    grad_clip: float | None = None,
+    seed: int = 0,
+    config: dict | str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    init_checkpoint: str | Path | None = None,
+    clip_encoder: str | None = None,
+    offline: bool = False,
+    workers: int = 2,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """Train a head for ``method`` on the ``train`` split (every row when there is no split column)
+    and save it with :func:`diqa_cli.checkpoint.save_head`. Returns the training record that the
+    sidecar also holds under ``training``.
+
+    ``config`` is the model's constructor config (a dict, or ``"tiny"`` for ``Cls.tiny_config()``);
+    ``init_checkpoint`` continues from a saved head of the same method (its config wins), or starts
+    from a head of a method the spec's ``init_from`` names (GenzVQA from GenzIQA: prompts and LoRA,
+    the modulator fresh, the released way to train it). ``backbone`` replaces the init checkpoint's
+    backbone when both are given. ``clip_encoder`` (video methods: SlowFast for GenzVQA) names the
+    clip encoder's weights; default the config's, a relative path taken from the init checkpoint's
+    folder. :class:`~diqa_cli.models.base.CachedFeatures` models train on features computed once.
+    """
+    import torch
+
+    from diqa_cli.checkpoint import save_head
+    from diqa_cli.methods import get_method
+    from diqa_cli.models.base import CachedFeatures, VideoQualityModel
+    from diqa_cli.pipelines.datasets import FeatureSet, ImageSet, VideoSet
+
+    log = log or _quiet
+    spec = get_method(method)
+    rows = read_labels(labels_csv)
+    split = default_split(rows, "train")
+    train_rows = select_split(rows, split, source=labels_csv)
+    normalisation = mos_normalisation(train_rows, labels_csv)
+    settings = settings_for(spec, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
+    model = _initial_model(spec, backbone, config, seed, init_checkpoint, device, dtype, offline)
+    device = model.device
+
+    if isinstance(model, VideoQualityModel):
+        # Frames decoded per batch, clip-encoder features once per video.
+        anchor = Path(init_checkpoint).parent if init_checkpoint is not None else None
+        encoder = model.load_clip_encoder(clip_encoder, relative_to=anchor, offline=offline)
+        model.adopt_clip_encoder(encoder)
+        data = VideoSet(train_rows, model, encoder, log=log)
+    else:
+        data = ImageSet(train_rows, model.resolution, resample=spec.resample, workers=workers, log=log)
+    if len(data) < 2:
+        raise UsageError(f"{labels_csv}: fewer than 2 readable training {spec.input_kind}s; nothing to train on")
+    log(
+        f"diqa: training {spec.name} on {len(data)} {spec.input_kind}s ({len(data.failed)} unreadable), "
+        f"{settings.epochs} epochs, batch {settings.batch_size}, lr {settings.lr:g}, seed {seed}"
+    )
+    with torch.random.fork_rng(devices=rng_devices(device)):
+        torch.manual_seed(seed)
+        optimiser = Optimiser(model, settings)
+        if isinstance(model, CachedFeatures):
+            data = FeatureSet(model, data, settings.batch_size, log)
+
+            def loss_of(features, kept, targets):
+                return torch.nn.functional.mse_loss(model.head_forward(features).float(), targets)
+
+        else:
+            noise = torch.Generator(device=device).manual_seed(seed)
+            input_dtype = model.dtype
+
+            def loss_of(inputs, kept, targets):  # a pixel tensor, or a VideoBatch for video methods
+                return model.training_loss(inputs.to(device, input_dtype), targets, noise)
+
+        losses = fit(model, data, normalisation, settings, seed, optimiser, loss_of, log)
+
+    record = training_record(
+        spec.name, labels_csv, settings, seed, normalisation, len(data), len(data.failed), split, losses
+    )
+    if init_checkpoint is not None:
+        record["init_checkpoint"] = str(init_checkpoint)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_head(model, out, normalisation=normalisation, extra={"training": record})
+    log(f"diqa: saved {out} (sidecar {out.with_suffix('.json')})")
+    return record
+
+
+def _initial_model(spec, backbone, config, seed, init_checkpoint, device, dtype, offline):
+    """A fresh model, or one that starts from ``init_checkpoint``."""
+    from diqa_cli.checkpoint import load_head, read_sidecar
+
+    if init_checkpoint is None:
+        from diqa_cli.backbone import load_backbone, resolve_device, resolve_dtype
+
+        if backbone is None and not spec.needs_backbone:
+            # A backbone-free model (a CNN student) trained on MOS directly: no diffusion weights to load.
+            model = build_model(spec.name, None, config, seed)
+            target = resolve_device(device)
+            return model.to(target, resolve_dtype(dtype, target))
+        bb = load_backbone(backbone or spec.default_backbone, device=device, dtype=dtype, offline=offline)
+        return build_model(spec.name, bb, config, seed)
+    trained = read_sidecar(init_checkpoint).get("method")
+    if trained == spec.name:
+        return load_head(init_checkpoint, device=device, dtype=dtype, offline=offline, backbone_ref=backbone)[0]
+    if trained not in spec.init_from:
+        raise UsageError(f"--init {init_checkpoint} is a {trained!r} head; it cannot start {spec.name!r} training")
+    from diqa_cli.files import read_safetensors
+    from diqa_cli.models.base import InitFromHead
+
+    source, _ = load_head(init_checkpoint, device=device, dtype=dtype, offline=offline, backbone_ref=backbone)
+    model = build_model(spec.name, source.backbone, config, seed)
+    if not isinstance(model, InitFromHead):
+        raise UsageError(f"method {spec.name!r} declares init_from {spec.init_from} but cannot load another head")
+    model.load_init_state_dict(read_safetensors(init_checkpoint), trained)
+    return model
