@@ -123,7 +123,7 @@ def photos(tmp_path, tiny_images) -> list[Path]:
     hostile = folder / "<script>alert(1)<"  # with the file name below: <script>alert(1)</script>.png
     hostile.mkdir(parents=True)
     paths = []
-    for i, image in enumerate(tiny_images(6, size=96)):
+    for i, image in enumerate(tiny_images(6, size=160)):
         path = (hostile / "script>.png") if i == 5 else folder / f"p{i}.{'jpg' if i % 2 else 'png'}"
         image.save(path)
         paths.append(path)
@@ -206,12 +206,15 @@ def test_embedded_thumbnails_decode_and_each_file_is_stored_once(jsonl, tmp_path
     code, _ = report(run_main, jsonl, "-o", out)
     assert code == 0
     text = out.read_text(encoding="utf-8")
-    images = data_uris(text)
-    assert len(images) == 6  # six readable files named by 12 ok rows across two groups
-    for data in images:
+    sizes = []
+    for data in data_uris(text):
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            assert image.format == "JPEG" and max(image.size) <= 128
+            assert image.format == "JPEG"
+            sizes.append(max(image.size))
+    # Six readable files named by 12 ok rows across two groups: each stored once for the table
+    # (64 px) and once for the best/worst grid (128 px), however many rows and groups show it.
+    assert sorted(sizes) == [64] * 6 + [128] * 6
     root = read_page(out)
     ok_rows = [r for r in table_rows(root) if r.attrs["data-status"] == "ok"]
     assert all(r.find_all("span", cls="th") for r in ok_rows)
@@ -302,9 +305,11 @@ def test_videos_get_a_first_frame_and_a_per_frame_curve(tmp_path, run_main):
     root = read_page(out)
     (curve,) = root.by_id("per-frame").parent.find_all("polyline", cls="curve")
     assert len(curve.attrs["points"].split()) == 4
-    (first_frame,) = data_uris(out.read_text(encoding="utf-8"))
-    with Image.open(io.BytesIO(first_frame)) as image:
-        assert image.size == (32, 32)
+    first_frames = data_uris(out.read_text(encoding="utf-8"))
+    assert len(first_frames) == 2  # the table's and the grid's (a 32 px frame is not enlarged)
+    for data in first_frames:
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.size == (32, 32)
     assert "4/4" in table_rows(root)[0].text
 
 
@@ -318,7 +323,7 @@ def test_quality_maps_are_shown_where_a_row_has_one(jsonl, photos, tmp_path, run
     root = read_page(out)
     first = table_rows(root)[0]
     assert str(qmap) in first.text and len(first.find_all("span", cls="th")) == 2  # the image and its map
-    assert len(data_uris(out.read_text(encoding="utf-8"))) == 7
+    assert len(data_uris(out.read_text(encoding="utf-8"))) == 6 + 6 + 1  # table, grid, the map
 
 
 # --- sources ---------------------------------------------------------------------------------------

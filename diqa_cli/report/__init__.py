@@ -17,7 +17,7 @@ from diqa_cli.report.sources import Source, read_source
 from diqa_cli.report.summary import Group, group_rows
 from diqa_cli.report.thumbs import MODES as THUMB_MODES
 
-__all__ = ["THUMB_MODES", "Report", "linked_folder", "make_report", "read_source"]
+__all__ = ["THUMB_MODES", "Report", "linked_folder", "make_report", "read_source", "table_thumb_size"]
 
 
 @dataclass
@@ -30,6 +30,11 @@ class Report:
     png: Path | None
     thumbs_folder: Path | None  # linked thumbnails
     previews_missing: int  # scored rows whose file could not be previewed (0 with thumbs='none')
+
+
+def table_thumb_size(thumb_size: int) -> int:
+    """Long side of the thumbnails in the table of every row: half the grid's, at least 16 px."""
+    return max(16, thumb_size // 2)
 
 
 def linked_folder(html: str | os.PathLike) -> Path:
@@ -78,17 +83,24 @@ def make_report(
     folder = linked_folder(html_path) if html_path is not None and thumbs == "linked" else None
     missing = 0
     if html_path is not None:
-        store = Thumbnails(thumbs, thumb_size, folder=folder, report_dir=html_path.parent.resolve(), workers=workers)
-        wanted = [(f["input"], f["video"]) for f in files.values()] + [(f["map"], False) for f in files.values() if f["map"]]
+        # The table shows every row: its thumbnails are half the grid's size, which halves a large
+        # embedded report; the best/worst grid shows few, at full size.
+        small = table_thumb_size(thumb_size)
+        store = Thumbnails(thumbs, folder=folder, report_dir=html_path.parent.resolve(), workers=workers)
+        wanted = [(f["input"], f["video"], small) for f in files.values()]
+        wanted += [(f["map"], False, small) for f in files.values() if f["map"]]
+        chosen = [files[id(row)] for group in groups for row in (*group.best, *group.worst)]
+        wanted += [(f["input"], f["video"], thumb_size) for f in chosen]
         store.make_all(wanted)
         from diqa_cli.report.html import render_html
 
-        text = render_html(data, groups, store, title=title or f"diqa report: {data.path.name}", files=files)
+        text = render_html(data, groups, store, title=title or f"diqa report: {data.path.name}", files=files,
+                           sizes=(small, thumb_size))
         atomic_write(html_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         if thumbs != "none":
             missing = sum(
                 1 for row in data.rows
-                if row["status"] == "ok" and store.get(files[id(row)]["input"], video=files[id(row)]["video"]) is None
+                if row["status"] == "ok" and store.get(files[id(row)]["input"], small, video=files[id(row)]["video"]) is None
             )
 
     png_path = Path(png) if png is not None else None

@@ -19,15 +19,15 @@ from diqa_cli.report.thumbs import Thumb, Thumbnails
 
 __all__ = ["render_html"]
 
-_TABLE_THUMB = 64  # CSS px of a thumbnail in the table of rows (the grid shows them whole)
 _CHART_W, _CHART_H, _PAD = 360, 120, 24
 _HEX_HASH = re.compile(r"^[0-9a-f]{32,}$")
 
 
 def render_html(source: Source, groups: list[Group], thumbs: Thumbnails, *, title: str,
-                files: dict[int, dict[str, Any]]) -> str:
+                files: dict[int, dict[str, Any]], sizes: tuple[int, int]) -> str:
     """The report as one HTML document. ``files[id(row)]`` holds each row's resolved input file
-    (``input``), whether it is a video (``video``) and its quality map file (``map``)."""
+    (``input``), whether it is a video (``video``) and its quality map file (``map``); ``sizes``
+    are the long sides of the table's and the best/worst grid's thumbnails."""
     import jinja2
 
     import diqa_cli
@@ -44,8 +44,8 @@ def render_html(source: Source, groups: list[Group], thumbs: Thumbnails, *, titl
     group_of = {id(row): group for group in groups for row in group.rows}
     for number, row in enumerate(source.rows, 1):
         index[id(row)] = number
-        rows.append(_row_view(number, row, group_of[id(row)], thumbs, files[id(row)]))
-    views = [_group_view(group, thumbs, files, index) for group in groups]
+        rows.append(_row_view(number, row, group_of[id(row)], thumbs, files[id(row)], sizes[0]))
+    views = [_group_view(group, thumbs, files, index, sizes[1]) for group in groups]
     curves = [
         {"n": index[id(row)], "path": row["path"], "svg": _curve(row)}
         for row in source.rows if row.get("per_frame")
@@ -65,6 +65,8 @@ def render_html(source: Source, groups: list[Group], thumbs: Thumbnails, *, titl
         has_video=any(r["video"] for r in rows),
         has_map=any(r["map"] for r in rows),
         ok=sum(1 for r in rows if r["status"] == "ok"),
+        small=sizes[0],
+        large=sizes[1],
     )
 
 
@@ -81,20 +83,14 @@ def _file_uri(path: Path | None) -> str | None:
         return None
 
 
-def _thumb_view(thumb: Thumb | None, box: int | None = None) -> dict | None:
-    """What the template needs to show a thumbnail, scaled to fit ``box`` px."""
+def _thumb_view(thumb: Thumb | None) -> dict | None:
+    """What the template needs to show a thumbnail (None: a placeholder)."""
     if thumb is None:
         return None
-    scale = min(1.0, box / max(thumb.width, thumb.height)) if box else 1.0
-    return {
-        "css_class": thumb.css_class,
-        "src": thumb.src,
-        "w": max(1, round(thumb.width * scale)),
-        "h": max(1, round(thumb.height * scale)),
-    }
+    return {"css_class": thumb.css_class, "src": thumb.src, "w": thumb.width, "h": thumb.height}
 
 
-def _row_view(number: int, row: dict, group: Group, thumbs: Thumbnails, files: dict) -> dict:
+def _row_view(number: int, row: dict, group: Group, thumbs: Thumbnails, files: dict, size: int) -> dict:
     video = files["video"]
     frames = None
     if row.get("frames_sampled") is not None:
@@ -120,14 +116,13 @@ def _row_view(number: int, row: dict, group: Group, thumbs: Thumbnails, files: d
         "frames_v": row.get("frames_decoded") if row.get("frames_decoded") is not None else "",
         "duration": _fmt(row.get("duration")),
         "duration_v": "" if row.get("duration") is None else repr(row["duration"]),
-        "thumb": _thumb_view(thumbs.get(files["input"], video=video), _TABLE_THUMB),
-        "thumb_full": _thumb_view(thumbs.get(files["input"], video=video)),
+        "thumb": _thumb_view(thumbs.get(files["input"], size, video=video)),
         "map": row.get("map") or "",
-        "map_thumb": _thumb_view(thumbs.get(files["map"]), _TABLE_THUMB) if row.get("map") else None,
+        "map_thumb": _thumb_view(thumbs.get(files["map"], size)) if row.get("map") else None,
     }
 
 
-def _group_view(group: Group, thumbs: Thumbnails, files: dict, index: dict[int, int]) -> dict:
+def _group_view(group: Group, thumbs: Thumbnails, files: dict, index: dict[int, int], size: int) -> dict:
     scores = group.scores
 
     def tile(row: dict) -> dict:
@@ -137,7 +132,7 @@ def _group_view(group: Group, thumbs: Thumbnails, files: dict, index: dict[int, 
             "path": row["path"],
             "name": os.path.basename(row["path"]) or row["path"],
             "score": _fmt(row["score"]),
-            "thumb": _thumb_view(thumbs.get(f["input"], video=f["video"])),
+            "thumb": _thumb_view(thumbs.get(f["input"], size, video=f["video"])),
         }
 
     settings = []

@@ -111,33 +111,32 @@ def _jpeg(image: Image.Image) -> bytes:
 
 
 class Thumbnails:
-    """The thumbnails of one report, each file made once however many rows name it.
+    """The thumbnails of one report, each (file, size) made once however many rows name it.
 
     ``mode``: ``embedded`` (data URIs in one CSS rule per file, so a file named by several rows is
     stored once), ``linked`` (JPEG files in ``folder``, named by a hash of the input's path, linked
     relative to the report's folder ``report_dir``) or ``none``.
     """
 
-    def __init__(self, mode: str, size: int, *, folder: Path | None = None, report_dir: Path | None = None,
-                 workers: int = 2):
+    def __init__(self, mode: str, *, folder: Path | None = None, report_dir: Path | None = None, workers: int = 2):
         if mode not in MODES:
             raise ValueError(f"thumbnail mode {mode!r} is not one of {', '.join(MODES)}")
         if mode == "linked" and (folder is None or report_dir is None):
             raise ValueError("linked thumbnails need a folder and the report's folder")
         self.mode = mode
-        self.size = size
         self.folder = folder
         self.report_dir = report_dir
         self.workers = max(1, workers)
         self.styles: list[tuple[str, str]] = []  # (css class, data URI), embedded mode
         self.failed = 0
-        self._made: dict[tuple[str, bool], Thumb | None] = {}
+        self._made: dict[tuple[str, bool, int], Thumb | None] = {}
 
-    def make_all(self, files: list[tuple[Path | None, bool]]) -> None:
-        """Make the thumbnails of ``files`` (``(path or None, is_video)``), ``workers`` at a time."""
+    def make_all(self, files: list[tuple[Path | None, bool, int]]) -> None:
+        """Make the thumbnails of ``files`` (``(path or None, is_video, long side in px)``),
+        ``workers`` at a time."""
         if self.mode == "none":
             return
-        todo = list(dict.fromkeys((str(p), video) for p, video in files if p is not None))
+        todo = list(dict.fromkeys((str(p), video, size) for p, video, size in files if p is not None))
         todo = [key for key in todo if key not in self._made]
         if self.mode == "linked" and todo:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -145,17 +144,17 @@ class Thumbnails:
             for key, encoded in zip(todo, pool.map(self._encode, todo)):
                 self._made[key] = self._place(key, encoded)
 
-    def get(self, path: Path | None, *, video: bool = False) -> Thumb | None:
+    def get(self, path: Path | None, size: int, *, video: bool = False) -> Thumb | None:
         """The thumbnail of ``path`` made by :meth:`make_all`; None for a placeholder."""
         if path is None or self.mode == "none":
             return None
-        return self._made.get((str(path), video))
+        return self._made.get((str(path), video, size))
 
-    def _encode(self, key: tuple[str, bool]) -> tuple[bytes, int, int] | None:
-        image = make_thumbnail(key[0], self.size, video=key[1])
+    def _encode(self, key: tuple[str, bool, int]) -> tuple[bytes, int, int] | None:
+        image = make_thumbnail(key[0], key[2], video=key[1])
         return None if image is None else (_jpeg(image), image.width, image.height)
 
-    def _place(self, key: tuple[str, bool], encoded) -> Thumb | None:
+    def _place(self, key: tuple[str, bool, int], encoded) -> Thumb | None:
         if encoded is None:
             self.failed += 1
             return None
@@ -164,7 +163,8 @@ class Thumbnails:
             css_class = f"t{len(self.styles) + 1}"
             self.styles.append((css_class, "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")))
             return Thumb(width, height, css_class=css_class)
-        name = hashlib.sha1(f"{key[0]}\0{key[1]}".encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".jpg"
+        name = hashlib.sha1(f"{key[0]}\0{key[1]}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
+        name += f"-{key[2]}.jpg"
         target = self.folder / name
         target.write_bytes(data)
         relative = Path(os.path.relpath(target, self.report_dir)).as_posix()
