@@ -409,3 +409,35 @@ def test_existing_outputs_are_kept_unless_overwrite(jsonl, tmp_path, run_main):
 
     code, err = report(run_main, jsonl, "-o", jsonl, "--overwrite")
     assert code == 2 and "source" in err and jsonl.read_text().startswith("{")
+
+
+def test_a_database_path_in_another_encoding_is_shown_and_previewed(photos, tmp_path, run_main):
+    import os
+
+    from diqa_cli.store import ScoreSettings, open_store
+
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")  # Latin-1 name: not UTF-8
+    with open(odd, "wb") as stream:
+        stream.write(photos[0].read_bytes())
+    settings = ScoreSettings(method="dpiqa", checkpoint_sha256="ab" * 32, backbone_identity="cd" * 32, seed=0,
+                             resolution=512, dtype="fp32", diqa_version="0.1.0", head={})
+    db = tmp_path / "scores.sqlite"
+    with open_store(db) as store:
+        store.record({"path": os.fsdecode(odd), "score": 0.5, "raw_score": 0.5, "status": "ok"}, None, settings)
+    out = tmp_path / "report.html"
+    code, err = report(run_main, db, "-o", out, "--png", tmp_path / "sheet.png")
+    assert code == 0, err
+    (row,) = table_rows(read_page(out))
+    assert "caf\ufffd.png" in row.text and row.find_all("span", cls="th")
+
+
+def test_an_sqlite_file_of_another_program_is_refused_and_left_unchanged(tmp_path, run_main):
+    import sqlite3
+
+    other = tmp_path / "photos.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE albums (name TEXT)")
+    before = other.read_bytes()
+    code, err = report(run_main, other, "-o", tmp_path / "r.html")
+    assert code == 2 and "without diqa's tables" in err and str(other) in err
+    assert other.read_bytes() == before

@@ -47,13 +47,13 @@ def render_html(source: Source, groups: list[Group], thumbs: Thumbnails, *, titl
         rows.append(_row_view(number, row, group_of[id(row)], thumbs, files[id(row)], sizes[0]))
     views = [_group_view(group, thumbs, files, index, sizes[1]) for group in groups]
     curves = [
-        {"n": index[id(row)], "path": row["path"], "svg": _curve(row)}
+        {"n": index[id(row)], "path": _text(row["path"]), "svg": _curve(row)}
         for row in source.rows if row.get("per_frame")
     ]
     template = env.get_template("report.html.j2")
     return template.render(
-        title=title,
-        source=str(source.path),
+        title=_text(title),
+        source=_text(source.path),
         source_kind={"sqlite": "score database", "csv": "CSV", "jsonl": "JSON Lines", "json": "JSON"}[source.kind],
         version=diqa_cli.__version__,
         rows=rows,
@@ -68,6 +68,12 @@ def render_html(source: Source, groups: list[Group], thumbs: Thumbnails, *, titl
         small=sizes[0],
         large=sizes[1],
     )
+
+
+def _text(value: Any) -> str:
+    """``value`` as text that UTF-8 can carry: a file name in another encoding (surrogate escapes,
+    as os.fsdecode gives) shows its undecodable bytes as U+FFFD."""
+    return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _fmt(value: float | None) -> str:
@@ -99,17 +105,16 @@ def _row_view(number: int, row: dict, group: Group, thumbs: Thumbnails, files: d
             frames += f" ({row['frames_lost']} lost)"
     return {
         "n": number,
-        "path": row["path"],
+        "path": _text(row["path"]),
         "href": _file_uri(files["input"]),
-        "name": os.path.basename(row["path"]) or row["path"],
         "score": _fmt(row.get("score")),
         "score_v": "" if row.get("score") is None else repr(row["score"]),
         "raw_score": _fmt(row.get("raw_score")),
         "raw_v": "" if row.get("raw_score") is None else repr(row["raw_score"]),
         "status": row["status"],
-        "error": row.get("error") or "",
+        "error": _text(row.get("error") or ""),
         "group": group.id,
-        "group_label": group.label,
+        "group_label": _text(group.label),
         "seconds": _fmt(row.get("seconds")),
         "video": video or frames is not None,
         "frames": frames or "",
@@ -117,7 +122,7 @@ def _row_view(number: int, row: dict, group: Group, thumbs: Thumbnails, files: d
         "duration": _fmt(row.get("duration")),
         "duration_v": "" if row.get("duration") is None else repr(row["duration"]),
         "thumb": _thumb_view(thumbs.get(files["input"], size, video=video)),
-        "map": row.get("map") or "",
+        "map": _text(row.get("map") or ""),
         "map_thumb": _thumb_view(thumbs.get(files["map"], size)) if row.get("map") else None,
     }
 
@@ -129,24 +134,25 @@ def _group_view(group: Group, thumbs: Thumbnails, files: dict, index: dict[int, 
         f = files[id(row)]
         return {
             "n": index[id(row)],
-            "path": row["path"],
-            "name": os.path.basename(row["path"]) or row["path"],
+            "path": _text(row["path"]),
+            "name": _text(os.path.basename(row["path"]) or row["path"]),
             "score": _fmt(row["score"]),
             "thumb": _thumb_view(thumbs.get(f["input"], size, video=f["video"])),
         }
 
     settings = []
     for name, value in group.settings.items():
-        text = str(value)
+        text = _text(value)
         short = text[:12] + "…" if _HEX_HASH.match(text) else text
         settings.append({"name": name.replace("_", " "), "value": short, "full": text})
     reasons: dict[str, int] = {}
     for row in group.rows:
         if row["status"] != "ok":
-            reasons[row.get("error") or "(no reason recorded)"] = reasons.get(row.get("error") or "(no reason recorded)", 0) + 1
+            reason = _text(row.get("error") or "(no reason recorded)")
+            reasons[reason] = reasons.get(reason, 0) + 1
     return {
         "id": group.id,
-        "label": group.label,
+        "label": _text(group.label),
         "settings": settings,
         "count": len(group.rows),
         "ok": len(scores),

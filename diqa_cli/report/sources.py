@@ -9,6 +9,7 @@ value is missing, ``per_frame`` as a list of ``{time, score}``) whatever the sou
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -74,8 +75,19 @@ def _not_rows(path: Path, why: str) -> UsageError:
 
 
 def _sqlite_rows(path: Path) -> list[dict]:
+    import sqlite3
+
     from diqa_cli.store import open_store
 
+    # Opening a store brings its schema up to date, which would add diqa's tables to any other
+    # SQLite file: look first, read-only, for the table of diqa's migrations.
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            ours = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_diqa_migrations'").fetchone()
+    except sqlite3.Error as exc:
+        raise _not_rows(path, f"SQLite cannot read it: {exc}") from None
+    if ours is None:
+        raise _not_rows(path, "an SQLite database without diqa's tables")
     with open_store(path, create=False) as store:
         return list(store.rows())
 
