@@ -98,10 +98,8 @@ def make_report(
                            sizes=(small, thumb_size))
         atomic_write(html_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         if thumbs != "none":
-            missing = sum(
-                1 for row in data.rows
-                if row["status"] == "ok" and store.get(files[id(row)]["input"], small, video=files[id(row)]["video"]) is None
-            )
+            ok_files = [files[id(row)] for row in data.rows if row["status"] == "ok"]
+            missing = sum(1 for f in ok_files if store.get(f["input"], small, video=f["video"]) is None)
 
     png_path = Path(png) if png is not None else None
     if png_path is not None:

@@ -48,8 +48,8 @@ def contact_sheet(groups: list[Group], *, thumb: int, columns: int,
     for group, name, rows in lines:
         if group is not current:
             current = group
-            draw.text((GAP, y + 4), _fit(draw, font, f"{group.label}: {len(group.rows)} rows, {group.failures} failed", width - 2 * GAP),
-                      fill="black", font=font)
+            heading = f"{group.label}: {len(group.rows)} rows, {group.failures} failed"
+            draw.text((GAP, y + 4), _fit(draw, font, heading, width - 2 * GAP), fill="black", font=font)
             y += TITLE_H
         draw.text((GAP, y + thumb // 2), name, fill="black", font=font)
         for i, row in enumerate(rows[:columns]):
