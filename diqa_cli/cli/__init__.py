@@ -54,6 +54,7 @@ _COMMAND_MODULES = (
     "diqa_cli.cli.video",
     "diqa_cli.cli.enhance",
     "diqa_cli.cli.db",
+    "diqa_cli.cli.report",
 )
 
 for _name in _COMMAND_MODULES:
