@@ -168,6 +168,11 @@ class Backbone:
     _text: tuple | None = field(repr=False, default=None)
     _embeddings: dict = field(repr=False, default_factory=dict)
 
+    def release_unet(self) -> None:
+        """Free the U-Net when nothing built on this backbone runs it (a head that carries its
+        own fine-tuned U-Net, when only scoring); using it afterwards is an error."""
+        self.unet = None
+
     # The VAE posterior mean, never a sample: the same image always gives the same latents.
     def encode(self, pixels):
         """Pixels in the VAE's range ([-1, 1] for SD; methods convert first) -> scaled latents."""

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from diqa_cli.errors import DiqaWarning, UsageError, WeightsError
-from diqa_cli.files import atomic_write, atomic_write_text, read_safetensors, refuse_pickle, save_safetensors
+from diqa_cli.files import (
+    atomic_write,
+    atomic_write_text,
+    read_safetensors,
+    read_safetensors_metadata,
+    refuse_pickle,
+    save_safetensors,
+)
 
 __all__ = ["SIDECAR_FORMAT", "save_head", "read_sidecar", "load_head", "released_sidecar", "sidecar_path"]
 
@@ -188,8 +195,15 @@ def load_head(
             stacklevel=2,
         )
 
+    own_vae = read_safetensors_metadata(path).get("vae_sha256")
+    if own_vae and backbone is not None:
+        _warn_if_another_vae(path, backbone, json.loads(own_vae))
+
+    from diqa_cli.models.base import weights_from_checkpoint
+
     config = {**sidecar["config"], **(config_overrides or {})}
-    model = load_model_class(spec)(backbone, **config)
+    with weights_from_checkpoint():
+        model = load_model_class(spec)(backbone, **config)
     state = read_safetensors(path)
     model.load_checkpoint_state_dict(state)
     if backbone is not None:
@@ -201,6 +215,24 @@ def load_head(
         model.to(target, resolve_dtype(dtype, target))
     model.eval()
     return model, sidecar
+
+
+_DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+
+
+def _warn_if_another_vae(path: Path, backbone, recorded: dict[str, str]) -> None:
+    """A converted released head records the VAE it was trained with (``diqa weights convert``);
+    a backbone with another VAE still runs, but its latents are not the ones the head learned on."""
+    from diqa_cli.files import tensors_sha256
+
+    expected = recorded.get(_DTYPE_NAMES.get(str(backbone.dtype), ""))
+    if expected and tensors_sha256(backbone.vae.state_dict().values()) != expected:
+        warnings.warn(
+            f"{path.name} was trained with another VAE than backbone {backbone.ref!r}'s (recorded sha256 "
+            f"{expected[:12]}); scores will differ from the released head's",
+            DiqaWarning,
+            stacklevel=3,
+        )
 
 
 def released_sidecar(spec, weights_name: str) -> dict[str, Any]:

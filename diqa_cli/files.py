@@ -30,9 +30,11 @@ __all__ = [
     "file_sha256",
     "is_pickle",
     "read_safetensors",
+    "read_safetensors_metadata",
     "refuse_pickle",
     "save_safetensors",
     "sha256_file",
+    "tensors_sha256",
 ]
 
 # Suffixes of pickle-based checkpoints (PyTorch, Lightning, pytorchvideo's model zoo, plain pickle).
@@ -103,6 +105,20 @@ def file_sha256(path: str | os.PathLike) -> str:
     return cache[key]
 
 
+def tensors_sha256(tensors) -> str:
+    """SHA-256 identifying a set of tensors by their values, dtypes and shapes, not their names
+    (the same VAE saved by two diffusers versions that name its layers differently hashes alike)."""
+    import torch
+
+    parts = []
+    for tensor in tensors:
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest = hashlib.sha256(f"{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+        parts.append(digest.hexdigest())
+    return hashlib.sha256("".join(sorted(parts)).encode()).hexdigest()
+
+
 # --------------------------------------------------------------------------- pickle and safetensors
 
 
@@ -127,6 +143,17 @@ def read_safetensors(path: str | os.PathLike) -> dict:
     refuse_pickle(path)
     try:
         return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (empty when it has none)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
 

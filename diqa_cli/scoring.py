@@ -45,6 +45,7 @@ def load_scorer(
     dtype: str = "auto",
     offline: bool = False,
     seed: int | None = None,
+    keep_backbone_unet: bool = False,
 ):
     """Build the model that scores: ``(model, sidecar)``.
 
@@ -53,6 +54,8 @@ def load_scorer(
     the method's first released weights from the registry, fetched through the weights manifest (a
     bare state dict gets :func:`checkpoint.released_sidecar`). ``backbone`` replaces the sidecar's
     backbone; ``seed`` replaces the recorded seed of methods that draw noise (``spec.draws_noise``).
+    A head that runs its own U-Net (``model.uses_backbone_unet()`` False) frees the backbone's,
+    unless ``keep_backbone_unet`` (enhancement runs the diffusion process on it).
     """
     from diqa_cli.checkpoint import load_head, read_sidecar, released_sidecar, sidecar_path
     from diqa_cli.methods import get_method
@@ -78,7 +81,7 @@ def load_scorer(
             )
         spec = trained
     overrides = {"seed": seed} if seed is not None and spec.draws_noise else None
-    return load_head(
+    model, sidecar = load_head(
         checkpoint,
         device=device,
         dtype=dtype,
@@ -87,3 +90,6 @@ def load_scorer(
         config_overrides=overrides,
         sidecar=sidecar,
     )
+    if model.backbone is not None and not model.uses_backbone_unet() and not keep_backbone_unet:
+        model.backbone.release_unet()
+    return model, sidecar

@@ -38,9 +38,9 @@ def _sha256(path: Path) -> str:
 
 def test_tiny_backbone_is_written_identically_every_time(tiny_dir, tmp_path):
     again = write_tiny_backbone(tmp_path / "again")
-    written = sorted(p.relative_to(tiny_dir) for p in tiny_dir.rglob("*") if p.is_file())
+    written = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert Path("backbone.safetensors") in written and Path("clip/model.safetensors") in written
-    assert sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file()) == written
+    # The session's tiny folder may also hold heads other tests saved beside the backbone.
     for rel in written:
         assert (tiny_dir / rel).read_bytes() == (again / rel).read_bytes(), rel
 

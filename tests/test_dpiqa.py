@@ -345,3 +345,27 @@ def _model_input(path, model):
     from diqa_cli.imageio import load_image, resize_for_model
 
     return resize_for_model(load_image(str(path)), model.resolution, resample=model.spec.resample)
+
+
+def test_a_teacher_with_its_own_unet_keeps_one_unet_in_memory_when_scoring(dpiqa_head, tiny_backbone, tiny_pixels):
+    """The released teacher carries its fine-tuned U-Net: scoring builds it from the checkpoint's
+    tensors (no copy of the backbone's first) and frees the backbone's, with unchanged scores."""
+    from diqa_cli.checkpoint import read_sidecar
+    from diqa_cli.files import read_safetensors
+    from diqa_cli.models.dpiqa import DPIQA
+    from diqa_cli.scoring import load_scorer
+
+    model, _ = load_scorer(None, checkpoint=str(dpiqa_head), device="cpu", dtype="fp32", offline=True)
+    assert model.config["finetune_unet"] and model.backbone.unet is None
+    assert not any(p.is_meta for p in model.parameters())
+
+    reference = DPIQA(tiny_backbone, **read_sidecar(dpiqa_head)["config"])  # the copy-then-load way
+    reference.load_checkpoint_state_dict(read_safetensors(dpiqa_head))
+    pixels = tiny_pixels(2)
+    with torch.no_grad():
+        assert torch.equal(model(pixels), reference(pixels))
+    assert tiny_backbone.unet is not None  # a backbone loaded elsewhere is left alone
+
+    kept, _ = load_scorer(None, checkpoint=str(dpiqa_head), device="cpu", dtype="fp32", offline=True,
+                          keep_backbone_unet=True)
+    assert kept.backbone.unet is not None  # enhancement runs the diffusion process on it

@@ -169,11 +169,13 @@ def _build(method, checkpoint, backbone, device, dtype, offline, seed, settings)
     from dataclasses import replace
 
     from diqa_cli.enhance.map import MapEnhancer
-    from diqa_cli.metric import create_metric
+    from diqa_cli.metric import Metric
+    from diqa_cli.scoring import load_scorer
 
-    metric = create_metric(method, checkpoint=checkpoint, backbone=backbone, device=device, dtype=dtype,
-                           offline=offline, seed=seed)
-    model, sidecar = metric.model, metric.sidecar
+    # The diffusion process runs the backbone's U-Net even where the prior carries its own.
+    model, sidecar = load_scorer(method, backbone=backbone, checkpoint=str(checkpoint) if checkpoint else None,
+                                 device=device, dtype=dtype, offline=offline, seed=seed, keep_backbone_unet=True)
+    metric = Metric(model, sidecar)
     diffusion = model.backbone
     if diffusion is None:  # a prior without a diffusion backbone (the DP-IQA student)
         from diqa_cli.backbone import load_backbone

@@ -168,24 +168,31 @@ def path_command(name: str = typer.Argument(..., metavar="NAME")) -> None:
 
 @weights_app.command("convert")
 def convert_command(
-    src: str = typer.Argument(
-        ..., metavar="SRC", help="a .pth/.pyth/.bin file, or a manifest entry name"
+    sources: list[str] = typer.Argument(
+        ..., metavar="SRC... [DST]",
+        help="a .pth/.pyth/.bin file, or a manifest entry name; several files for a method released as "
+        "several (GenzIQA: LoRA file and prompt learner; GenzVQA: plus slowAttn, fastAttn, linearBlocks). "
+        "A last argument ending in .safetensors is the output.",
     ),
-    dst: Optional[Path] = typer.Argument(
-        None, metavar="[DST]", help="output .safetensors (default: beside SRC)"
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="output .safetensors (default: beside the first SRC)", show_default=False
     ),
     method: Optional[str] = typer.Option(
-        None, "--method", help="map the released key names through this method's converter"
+        None, "--method", "-m", help="map the released key names through this method's converter"
     ),
 ) -> None:
-    """Convert a plain PyTorch state dict to safetensors (read with weights_only=True)."""
-    src_path = Path(src)
-    if not src_path.exists() and src in lib.load_manifest():
-        written = lib.convert_entry(src, method=method, dst=dst)
+    """Convert released PyTorch state dicts to safetensors (read with weights_only=True); says on
+    stderr what was kept and dropped (also in the note beside the output)."""
+    sources = list(sources)
+    if output is None and len(sources) > 1 and sources[-1].endswith(".safetensors"):
+        output = Path(sources.pop())
+    if len(sources) == 1 and not Path(sources[0]).exists() and sources[0] in lib.load_manifest():
+        written = lib.convert_entry(sources[0], method=method, dst=output)
     else:
-        target = dst or src_path.with_suffix(".safetensors")
-        written = [lib.convert(src_path, target, method=method)]
+        target = output or Path(sources[0]).with_suffix(".safetensors")
+        written = [lib.convert([Path(s) for s in sources], target, method=method)]
     for path in written:
+        _err(f"diqa: {path.name}: {lib.conversion_summary(path)}")
         typer.echo(str(path))
 
 

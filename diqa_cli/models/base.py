@@ -17,7 +17,8 @@ pipeline); generic code never asks for a method by name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import contextvars
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -25,6 +26,21 @@ import torch
 from torch import nn
 
 from diqa_cli.methods import MethodSpec, get_method
+
+
+# True while a model is built to receive a checkpoint's weights (``checkpoint.load_head``): a model
+# may then skip copying pretrained weights that the checkpoint replaces anyway.
+_WEIGHTS_FROM_CHECKPOINT = contextvars.ContextVar("diqa_weights_from_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint():
+    """Build models inside this block when a checkpoint's weights will be loaded into them."""
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
 
 
 class QualityModel(nn.Module):
@@ -72,6 +88,11 @@ class QualityModel(nn.Module):
 
     def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a checkpoint strictly: every expected key present, no unexpected key."""
+        self.check_checkpoint_keys(state)
+        self.load_state_dict(state, strict=False)
+
+    def check_checkpoint_keys(self, state: dict[str, torch.Tensor]) -> None:
+        """Refuse a checkpoint that lacks a trainable parameter or holds a key the model does not have."""
         expected = set(self.trainable_parameter_names())
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - set(self.state_dict()))
@@ -84,7 +105,6 @@ class QualityModel(nn.Module):
             if unexpected:
                 parts.append(f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
             raise WeightsError(f"checkpoint does not fit method {self.method_name!r}: " + "; ".join(parts))
-        self.load_state_dict(state, strict=False)
 
     def training_loss(self, pixels: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Loss for one batch; targets are MOS already normalised. Methods whose training differs
@@ -121,6 +141,16 @@ class QualityModel(nn.Module):
         """Names of the backbone layers the method reads (recorded in the sidecar)."""
         return []
 
+    def uses_backbone_unet(self) -> bool:
+        """Whether scoring runs the backbone's own U-Net. A head that carries its own (fine-tuned)
+        U-Net says no, and scoring then frees the backbone's (``scoring.load_scorer``)."""
+        return True
+
+    @staticmethod
+    def building_for_checkpoint() -> bool:
+        """True inside :func:`weights_from_checkpoint` (see there)."""
+        return _WEIGHTS_FROM_CHECKPOINT.get()
+
 
 # --- optional capabilities ---------------------------------------------------------------------
 
@@ -153,6 +183,17 @@ class ReleasedCheckpoint(Protocol):
     @classmethod
     def convert_released_state_dict(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A released state dict -> this model's checkpoint names (unused keys dropped)."""
+
+
+@runtime_checkable
+class ReleasedFiles(Protocol):
+    """The released code saves a head as several files (GenzIQA: the LoRA attention processors and
+    the prompt learner; GenzVQA: those plus the modulator's): ``diqa weights convert`` takes them
+    together, in any order, and refuses files that do not belong together."""
+
+    @classmethod
+    def convert_released_files(cls, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The released files' state dicts -> one checkpoint in this model's names."""
 
 
 @runtime_checkable
@@ -208,16 +249,6 @@ class ClipEncoder(Protocol):
         """(N, 3, T, S, S) -> per clip features, each (N, D_k)."""
 
 
-@dataclass
-class VideoScore:
-    """One video's result: ``score`` (raw, a 0-d tensor, differentiable), ``frame_scores`` (F,)
-    and whatever else the method reports (``details``, name -> tensor)."""
-
-    score: torch.Tensor
-    frame_scores: torch.Tensor
-    details: dict[str, torch.Tensor]
-
-
 @runtime_checkable
 class VideoQualityModel(Protocol):
     """A video method: frames are scored in batches, clips are read by a clip encoder, and the two
@@ -238,5 +269,6 @@ class VideoQualityModel(Protocol):
     def frame_features(self, pixels: torch.Tensor) -> Any:
         """Frames (B, 3, R, R) in [0, 1] -> a tensor or nest of tensors with B first."""
 
-    def video_score(self, frame_features: Any, clip_features: tuple[torch.Tensor, ...]) -> VideoScore:
-        """All frames' features (concatenated) and all clips' features (N, D_k) -> the video's score."""
+    def video_score(self, frame_features: Any, clip_features: tuple[torch.Tensor, ...]) -> Any:
+        """All frames' features (concatenated) and all clips' features (N, D_k) -> the video's
+        result: ``.score`` (raw, 0-d, differentiable) and ``.frame_scores`` (F,), raw per frame."""

@@ -219,9 +219,14 @@ class DPIQA(QualityModel):
         # Not saved: regenerated (and cached) from the prompts, as in the released code.
         self.register_buffer("class_embeddings", texts.float(), persistent=False)
 
-        if finetune_unet:
-            # Training changes the U-Net's weights and a checkpoint replaces them: work on a copy,
-            # so the backbone's U-Net stays frozen and pretrained for anything else built on it.
+        if finetune_unet and self.building_for_checkpoint():
+            # The checkpoint brings the whole fine-tuned U-Net: build its structure without memory
+            # (meta tensors); loading assigns the checkpoint's tensors instead of copying into a copy.
+            with torch.device("meta"):
+                unet = type(unet).from_config(unet.config).requires_grad_(True)
+        elif finetune_unet:
+            # Training changes the U-Net's weights: work on a copy, so the backbone's U-Net stays
+            # frozen and pretrained for anything else built on it.
             unet = copy.deepcopy(unet).requires_grad_(True)
         self.unet = unet
         self.gamma = nn.Parameter(torch.full((text_dim,), float(gamma_init), device=backbone.device))
@@ -297,7 +302,20 @@ class DPIQA(QualityModel):
                 "this DP-IQA checkpoint holds a fine-tuned U-Net (unet.* keys), but the model was built "
                 "with finetune_unet=false; build it with finetune_unet=true (the released default)"
             )
+        if next(self.unet.parameters()).is_meta:
+            # Built for this checkpoint: its U-Net tensors become the parameters (no second copy),
+            # in the backbone's dtype; the rest loads as usual.
+            self.check_checkpoint_keys(state)
+            own = {k[len("unet.") :]: v.to(self.backbone.dtype) for k, v in state.items() if k.startswith("unet.")}
+            self.unet.load_state_dict(own, strict=True, assign=True)
+            self.unet.to(self.backbone.device).requires_grad_(True)
+            self.load_state_dict({k: v for k, v in state.items() if not k.startswith("unet.")}, strict=False)
+            return
         super().load_checkpoint_state_dict(state)
+
+    def uses_backbone_unet(self) -> bool:
+        """A fine-tuned teacher runs its own U-Net; the backbone's is then only needed to build it."""
+        return not self.config["finetune_unet"]
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:

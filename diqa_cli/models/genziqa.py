@@ -328,6 +328,51 @@ class GenzIQA(QualityModel):
             names[f"{layer}.processor.{target}.{_LORA_MATRICES[matrix]}.weight"] = f"unet.{name}"
         return names
 
+    # --- released checkpoints --------------------------------------------------------------------
+    @classmethod
+    def convert_released_files(cls, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The released training saves, per step, the prompt learner (``coop_Model_state_dict.pth``:
+        ``ctx``, ``token_prefix``, ``token_suffix``) and the U-Net's LoRA attention processors
+        (diffusers 0.17 ``save_attn_procs``, renamed ``pytorch_model.bin``). Keeps ``ctx`` and the
+        cross-attention (attn2) LoRA; drops the prompt tokens' embeddings (rebuilt from the backbone's
+        text encoder) and the self-attention LoRA, which the released training keeps at zero."""
+        return cls._convert_genz_files(states, extra_parts=())
+
+    @classmethod
+    def _convert_genz_files(cls, states, *, extra_parts) -> dict[str, torch.Tensor]:
+        prompts = [s for s in states if "ctx" in s]
+        loras = [s for s in states if any(".processor." in k for k in s)]
+        others = [s for s in states if s not in prompts and s not in loras]
+        if len(prompts) != 1 or len(loras) != 1:
+            raise WeightsError(
+                f"{cls.method_name} is released as a prompt-learner file (with 'ctx') and a LoRA "
+                f"attention-processor file ('….processor.to_q_lora.down.weight'); got {len(prompts)} and "
+                f"{len(loras)} of them"
+            )
+        lora = loras[0]
+        self_lora = {k: v for k, v in lora.items() if ".attn1.processor." in k}
+        if any(k.endswith("_lora.up.weight") and bool(v.abs().max() > 0) for k, v in self_lora.items()):
+            raise WeightsError(
+                "the LoRA file has non-zero self-attention (attn1) LoRA weights; the released training "
+                "keeps them at zero and diqa does not build them, so this head would score differently"
+            )
+        cross = {k: v for k, v in lora.items() if ".attn2.processor." in k}
+        if len(cross) + len(self_lora) != len(lora) or not cross:
+            raise WeightsError("the LoRA file holds keys other than attn1/attn2 LoRA processors; not a GenzIQA LoRA file")
+        ctx = prompts[0]["ctx"]
+        widths = {v.shape[1] for k, v in cross.items() if ".to_k_lora.down." in k}
+        if widths != {ctx.shape[-1]}:
+            raise WeightsError(
+                f"the prompt learner's context vectors are {ctx.shape[-1]}-d but the LoRA's cross-attention "
+                f"reads {sorted(widths)}-d text tokens: these files are not from the same model"
+            )
+        converted = {"ctx": ctx, **cross}
+        if extra_parts:
+            converted.update(cls._convert_extra_parts(others, extra_parts))
+        elif others:
+            raise WeightsError(f"{len(others)} file(s) are neither the prompt learner nor the LoRA file")
+        return converted
+
     def trainable_parameter_names(self) -> list[str]:
         """``ctx`` and the cross-attention LoRA matrices; the U-Net, VAE and text encoder stay frozen."""
         return list(self._checkpoint_names().values())

@@ -349,6 +349,34 @@ class GenzVQA(GenzIQA):
             for saved, own in names.items():
                 params[own].copy_(state[saved])
 
+    # --- released checkpoints ----------------------------------------------------------------------
+    @classmethod
+    def convert_released_files(cls, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """GenzIQA's two files plus the modulator's three state dicts (``slowAttn``, ``fastAttn``,
+        ``linearBlocks``: per released block name, e.g. ``down_block_0_attn_0.k_down.weight``), in
+        any order: slow and fast are told apart by their feature widths (2048 > 256)."""
+        return cls._convert_genz_files(states, extra_parts=_MODULATOR_PARTS)
+
+    @classmethod
+    def _convert_extra_parts(cls, states, parts) -> dict[str, torch.Tensor]:
+        linear = [s for s in states if s and all(k.endswith((".weight", ".bias")) and k.count(".") == 1 for k in s)]
+        keyed = [s for s in states if s not in linear and any(".k_down." in k for k in s)]
+        if len(linear) != 1 or len(keyed) != 2 or len(states) != 3:
+            raise WeightsError(
+                "GenzVQA's modulator is released as three files (slowAttn, fastAttn, linearBlocks state dicts); "
+                f"found {len(keyed)} key-projection and {len(linear)} linear-block file(s) among {len(states)}"
+            )
+
+        def width(state):
+            return next(v.shape[0] for k, v in state.items() if k.endswith(".norm.weight"))
+
+        fast, slow = sorted(keyed, key=width)
+        blocks = {k.split(".")[0] for k in linear[0]}
+        for name, state in (("slowAttn", slow), ("fastAttn", fast)):
+            if {k.split(".")[0] for k in state} != blocks:
+                raise WeightsError(f"the {name} file's blocks differ from linearBlocks': these files are not from one model")
+        return {f"{part}.{k}": v for part, state in zip(parts, (slow, fast, linear[0])) for k, v in state.items()}
+
     # --- checkpoints -----------------------------------------------------------------------------
     def _checkpoint_names(self) -> dict[str, str]:
         """GenzIQA's names plus the modulator's, which are its own parameter names."""

@@ -13,7 +13,7 @@ only :func:`convert` does.
 
 from diqa_cli.files import sha256_file
 from diqa_cli.weights.cache import LOCK_FORMAT, LOCK_NAME, VerifyResult, entry_status, verify
-from diqa_cli.weights.convert import CONVERSION_FORMAT, convert, convert_entry
+from diqa_cli.weights.convert import CONVERSION_FORMAT, conversion_summary, convert, convert_entry
 from diqa_cli.weights.fetch import pull, resolve
 from diqa_cli.weights.manifest import (
     FORMATS,
@@ -50,6 +50,7 @@ __all__ = [
     "verify",
     "convert",
     "convert_entry",
+    "conversion_summary",
     "sha256_file",
     "human_size",
 ]
