@@ -7,6 +7,7 @@ start fast.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import os
@@ -15,7 +16,11 @@ import warnings
 
 import typer
 
-from diqa_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, DiqaError, DiqaWarning
+from diqa_cli.errors import EXIT_BROKEN_PIPE, EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, DiqaError, DiqaWarning
+
+# Writes that fail because of where they go, not because of diqa: a full disk (or /dev/full), a
+# quota, a file-size limit, a read-only or failing device. One line, exit 1, no traceback.
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 app = typer.Typer(
     name="diqa",
@@ -120,6 +125,10 @@ def main() -> None:
     except BrokenPipeError:
         _quiet_broken_pipe()
         code = EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if exc.errno not in _WRITE_FAILURES:
+            raise
+        code = _write_failed(exc)
     except Exception as exc:  # the parser's usage errors (bad option, missing value)
         kinds = {cls.__name__ for cls in type(exc).__mro__}
         if "ClickException" not in kinds:
@@ -135,7 +144,19 @@ def main() -> None:
     except BrokenPipeError:
         _quiet_broken_pipe()
         code = EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if exc.errno not in _WRITE_FAILURES:
+            raise
+        code = _write_failed(exc)
     sys.exit(code)
+
+
+def _write_failed(exc: OSError) -> int:
+    """A write that the disk refused: say so in one line; what was already written stays."""
+    where = exc.filename or "standard output"
+    print(f"diqa: error: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
+    _quiet_broken_pipe()  # the unwritten buffer must not fail again at exit
+    return EXIT_FATAL
 
 
 def _quiet_broken_pipe() -> None:
