@@ -1,4 +1,4 @@
-"""Image inputs: which files to read, and how each becomes RGB floats in [0, 1].
+"""Image inputs: which files to read, and how each becomes the model's RGB floats in [0, 1].
 
 Torch-free (numpy and Pillow only), so the CLI can expand and check inputs before importing torch.
 
@@ -21,20 +21,25 @@ Accepted inputs (``expand_inputs``)
   empty ``-`` each yield an item carrying its error, so every input gets exactly one output row.
 
 Decoding (``load_image``)
+  The array keeps the source's precision: uint8 (H, W, 3) for 8-bit sources (every Pillow mode
+  but the ones below: RGB, L, P, 1, CMYK, YCbCr, RGBA, LA, ...), float32 (H, W, 3) in [0, 1] for
+  16-bit and float sources. ``as_float_rgb`` turns either into floats in [0, 1].
   * EXIF orientation is applied, so the array has the shape a photo viewer shows.
   * 16-bit samples (Pillow modes ``I;16*``, and ``I`` as Pillow gives 16-bit PGM/PPM data) are
     divided by 65535; ``I`` from a TIFF uses the file's BitsPerSample (2**bits - 1). Integer data
     outside that range (signed TIFF) is min-max normalised. Nothing is clipped. Pillow 13 reads
-    48-bit RGB and 64-bit RGBA PNG/TIFF as 8 bits per channel (the high byte); those scale
-    correctly at 8-bit precision.
+    48-bit RGB and 64-bit RGBA PNG/TIFF as 8 bits per channel (the high byte); those are 8-bit
+    sources.
   * Float images (mode ``F``, float TIFF): values already within [0, 1] are kept as they are;
     otherwise the image is min-max normalised to [0, 1] (a constant image outside [0, 1] is
     clipped).
     NaN or infinite pixels make the input fail.
-  * Alpha (RGBA, LA, PA, palette or RGB/L with a transparent colour) is composited over white.
-  * CMYK, palette, grayscale, bilevel, YCbCr, HSV, LAB... are converted to RGB by Pillow; embedded
-    colour profiles are not applied (as in the papers' released code, which calls
-    ``convert("RGB")``).
+  * Alpha (RGBA, LA, PA, palette or RGB/L with a transparent colour) is composited over white, a
+    departure from the released code (whose ``convert("RGB")`` drops alpha, leaving whatever
+    colour the transparent pixels store). The composite is Pillow's ``alpha_composite`` over an
+    opaque white image, in 8-bit integer arithmetic, so these images stay 8-bit sources.
+  * CMYK, palette, grayscale, bilevel, YCbCr, HSV, LAB... are converted to RGB by Pillow's
+    ``convert("RGB")``, as in the papers' released code; embedded colour profiles are not applied.
   * Animated images (GIF, APNG, WebP) are scored on their first frame.
   * Pixel limit: an image whose header declares more than ``DEFAULT_MAX_PIXELS`` (100 megapixels)
     fails before any pixel is decoded ("decompression bomb" protection). Override it with the
@@ -50,8 +55,19 @@ Decoding (``load_image``)
 Model input (``resize_for_model``)
   Every image, whatever its size or aspect ratio (a 1x1 image included), is resized to R x R,
   ignoring aspect ratio, as the papers' released code does; upscaling a tiny image just blurs it.
-  The resize runs per channel in float (Pillow mode ``F``, so 16-bit precision survives) and is
-  clipped to [0, 1] afterwards because bicubic filtering overshoots at sharp edges.
+  The filter is the method's (``resample``): DP-IQA's released transform is torchvision's
+  ``Resize((512, 512))`` (Pillow BILINEAR, antialiased when shrinking), GenzIQA's is
+  ``Resize((512, 512), interpolation=BICUBIC)``; both then ``ToTensor()``.
+  * 8-bit sources take the released path exactly: the uint8 RGB image is resized by Pillow and
+    divided by 255 in float32, so the array is bit-equal to
+    ``Compose([Resize((R, R), interpolation=...), ToTensor()])(Image.open(p).convert("RGB"))``
+    for every opaque image without EXIF rotation. Video frames (``videoio.resize_frame``) take
+    the same path.
+  * 16-bit and float sources keep their precision instead: the resize runs per channel in float
+    (Pillow mode ``F``) and is clipped to [0, 1] afterwards because bicubic filtering overshoots
+    at sharp edges. Here diqa departs from the released code on purpose: its
+    ``convert("RGB")`` clips 16-bit grey to 0..255 (a 16-bit photo turns almost white) and
+    float data to whole numbers.
 """
 
 from __future__ import annotations
@@ -79,6 +95,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "InputItem",
+    "as_float_rgb",
     "expand_inputs",
     "iter_images",
     "load_image",
@@ -106,7 +123,7 @@ _GLOB_CHARS = re.compile(r"[*?[]")
 # Transparent pixels become white: most images with an alpha channel (logos, product shots,
 # screenshots, documents) are made to be seen on a white page, and black would hide dark content,
 # while a checkerboard would add texture that a quality model reads as a distortion.
-_ALPHA_BACKGROUND = 1.0
+_ALPHA_BACKGROUND = 255
 
 
 @dataclass(frozen=True)
@@ -244,12 +261,26 @@ def _diqa_limit_replaces_pillows():
 
 
 def load_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
-    """Decode one image file to float32 (H, W, 3) RGB in [0, 1].
+    """Decode one image file to RGB (H, W, 3): uint8 for 8-bit sources (values 0..255), float32
+    in [0, 1] for 16-bit and float sources. ``resize_for_model`` takes either.
 
     Raises ``InputError(path, reason)`` for anything that cannot be used; see the module
     docstring for the conversion rules and the pixel limit.
     """
-    limit = max_pixels_limit(max_pixels)
+    image = _load(path, max_pixels_limit(max_pixels))
+    return image if image.flags.writeable else image.copy()
+
+
+def as_float_rgb(image: np.ndarray) -> np.ndarray:
+    """``load_image``'s array as float32 (H, W, 3) in [0, 1] whatever the source's bit depth
+    (uint8 is divided by 255, as ``ToTensor()`` does)."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / np.float32(255)
+    return image.astype(np.float32, copy=False)
+
+
+def _load(path: str, limit: int) -> np.ndarray:
+    """``load_image`` with the limit resolved; the array may be read-only."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -301,7 +332,7 @@ def load_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
             raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
         except Exception as exc:  # loaders report damage as SyntaxError, struct.error, ...
             raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
-        return _to_rgb_float(img, bits, path)
+        return _to_rgb(img, bits, path)
 
 
 def _tiff_bits_per_sample(img: Image.Image) -> int | None:
@@ -312,7 +343,8 @@ def _tiff_bits_per_sample(img: Image.Image) -> int | None:
     return bits if isinstance(bits, int) else None
 
 
-def _to_rgb_float(img: Image.Image, tiff_bits: int | None, path: str) -> np.ndarray:
+def _to_rgb(img: Image.Image, tiff_bits: int | None, path: str) -> np.ndarray:
+    """uint8 (H, W, 3) for 8-bit sources, float32 (H, W, 3) in [0, 1] for 16-bit and float."""
     mode = img.mode
     if mode.startswith("I;16"):
         gray = np.asarray(img).astype(np.float32) / 65535.0
@@ -336,15 +368,15 @@ def _to_rgb_float(img: Image.Image, tiff_bits: int | None, path: str) -> np.ndar
     else:
         try:
             if img.has_transparency_data:
-                rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-                alpha = rgba[..., 3:]
-                return rgba[..., :3] * alpha + _ALPHA_BACKGROUND * (1.0 - alpha)
-            rgb = img if mode == "RGB" else img.convert("RGB")
+                # Over white in 8-bit integer arithmetic, so the result takes the exact path too.
+                rgba = img.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (_ALPHA_BACKGROUND,) * 4)
+                rgb = Image.alpha_composite(white, rgba).convert("RGB")
+            else:
+                rgb = img if mode == "RGB" else img.convert("RGB")
         except ValueError as exc:  # a mode Pillow cannot convert (e.g. premultiplied "La")
             raise InputError(path, f"unsupported colour mode {mode}: {_one_line(exc)}") from None
-        pixels = np.asarray(rgb).astype(np.float32)
-        pixels *= 1.0 / 255.0
-        return pixels
+        return np.asarray(rgb)
     return np.repeat(gray[..., None], 3, axis=2)
 
 
@@ -364,17 +396,33 @@ def _one_line(exc: BaseException) -> str:
 def resize_for_model(
     image: np.ndarray, resolution: int, *, resample: str = "bicubic"
 ) -> np.ndarray:
-    """(H, W, 3) float RGB in [0, 1] -> float32 (3, R, R) in [0, 1], aspect ratio ignored.
+    """(H, W, 3) RGB -> float32 (3, R, R) in [0, 1], aspect ratio ignored.
 
+    ``image`` is what ``load_image`` returns: uint8 for 8-bit sources, resized as an 8-bit Pillow
+    image and divided by 255, bit-equal to the released ``Resize((R, R))`` + ``ToTensor()``; or
+    float in [0, 1] (16-bit and float sources), resized per channel in float and clipped.
     ``resample`` is "bicubic" (default; GenzIQA's released transform) or "bilinear" (the default
-    of torchvision's ``Resize``, which DP-IQA's released transform uses). Pillow filters the same
-    way on 8-bit images, so this matches the released pipelines up to their 8-bit rounding.
+    of torchvision's ``Resize``, which DP-IQA's released transform uses).
     """
     method = _resample_filter(resample)
+    if image.dtype == np.uint8:
+        return _model_floats(_resize_8bit(image, resolution, method))
     planes = np.ascontiguousarray(np.moveaxis(image, 2, 0), dtype=np.float32)
     size = (resolution, resolution)
     resized = np.stack([np.asarray(Image.fromarray(p).resize(size, method)) for p in planes])
     return np.clip(resized, 0.0, 1.0, out=resized)
+
+
+def _resize_8bit(rgb: np.ndarray, resolution: int, method: Image.Resampling) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (R, R, 3), as torchvision's ``Resize`` does on a PIL image."""
+    return np.asarray(Image.fromarray(rgb, mode="RGB").resize((resolution, resolution), method))
+
+
+def _model_floats(resized: np.ndarray) -> np.ndarray:
+    """uint8 (R, R, 3) -> float32 (3, R, R), as ``ToTensor()``: a true float32 division by 255."""
+    out = np.ascontiguousarray(resized.transpose(2, 0, 1), dtype=np.float32)
+    out /= np.float32(255)
+    return out
 
 
 def _resample_filter(name: str) -> Image.Resampling:
@@ -410,7 +458,7 @@ def iter_images(
         if item.error is not None:
             return item, None, item.error
         try:
-            image = load_image(item.path, max_pixels=limit)
+            image = _load(item.path, limit)
         except InputError as exc:
             return item, None, exc.reason
         return item, resize_for_model(image, resolution, resample=resample), None
