@@ -43,10 +43,15 @@ Decoding (``load_image``)
   * Animated images (GIF, APNG, WebP) are scored on their first frame.
   * Pixel limit: an image whose header declares more than ``DEFAULT_MAX_PIXELS`` (100 megapixels)
     fails before any pixel is decoded ("decompression bomb" protection). Override it with the
-    ``max_pixels`` argument or the ``DIQA_MAX_PIXELS`` environment variable. This limit replaces
-    Pillow's own ``Image.MAX_IMAGE_PIXELS`` check while diqa decodes, so Pillow's
-    DecompressionBombWarning never lets an over-limit image through nor prints to stderr, and no
-    warning filter is changed.
+    ``max_pixels`` argument or the ``DIQA_MAX_PIXELS`` environment variable. Pillow's own check
+    stays on: while diqa decodes, ``Image.MAX_IMAGE_PIXELS`` is set to diqa's limit (and restored
+    after), and the band where Pillow would only warn (DecompressionBombWarning, 1x to 2x its
+    limit) is refused too, on the decoding thread only, without a warning filter (see
+    ``_pixel_limit``).
+  * The limit holds inside containers too: the size of every frame, tile or embedded image a
+    Pillow loader is about to allocate (ICO and ICNS subimages, PNG or JPEG 2000 inside them, TIFF
+    tiles, GIF and MPO frames) is checked against it, so a small container cannot declare a
+    gigapixel subimage. A pipe is read into memory up to 8 bytes a pixel of the limit (plus 1 MiB).
   * Truncated files fail: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False and the pixel
     data is decoded in full before it is used.
   Missing, directory, unreadable, empty, non-image, corrupt, truncated and over-limit inputs raise
@@ -230,34 +235,75 @@ def max_pixels_limit(max_pixels: int | None = None) -> int:
     return max_pixels
 
 
-_pillow_guard_lock = threading.Lock()
-_pillow_guard_users = 0
-_pillow_guard_saved: int | None = None
+class _OverLimit(Image.DecompressionBombError):
+    """Raised by diqa's size check inside Pillow; the text is the reason's detail."""
+
+
+_guard = threading.local()  # .limit: the pixel limit of the diqa decode running on this thread
+_guard_lock = threading.Lock()
+_guard_limits: list[int] = []  # the limits of every diqa decode running now, on any thread
+_guard_saved: int | None = None
+_pillow_check = None  # Pillow's own Image._decompression_bomb_check, once diqa has wrapped it
+
+
+def _diqa_size_check(size, *args, **kwargs):
+    """Stands in for ``Image._decompression_bomb_check``, which every Pillow loader calls on a
+    size it is about to allocate (the image, an ICO or ICNS subimage, a TIFF tile, a GIF or MPO
+    frame). On a thread running a diqa decode, a size over diqa's limit is refused, the whole
+    band where Pillow would only warn included; elsewhere Pillow's own check runs unchanged."""
+    limit = getattr(_guard, "limit", None)
+    if limit is None:
+        return _pillow_check(size, *args, **kwargs)
+    width, height = size
+    pixels = max(1, width) * max(1, height)
+    if pixels > limit:
+        raise _OverLimit(f"{width}x{height} = {pixels} exceeds the limit of {limit}")
+    return None
+
+
+def _install_size_check() -> None:
+    global _pillow_check
+    with _guard_lock:
+        current = getattr(Image, "_decompression_bomb_check", None)
+        if current is None or current is _diqa_size_check:
+            return  # already wrapped, or a Pillow without the hook (MAX_IMAGE_PIXELS still holds)
+        _pillow_check = current
+        Image._decompression_bomb_check = _diqa_size_check
 
 
 @contextlib.contextmanager
-def _diqa_limit_replaces_pillows():
-    """Switch Pillow's own pixel check off while any diqa decode runs, and restore it after.
+def _pixel_limit(limit: int):
+    """Hold Pillow to diqa's pixel limit while a decode runs on this thread.
 
-    Pillow checks ``Image.MAX_IMAGE_PIXELS`` while opening (and again in some loaders) and only
-    *warns* between 1x and 2x that limit. Turning that warning into an error would need a
-    process-wide warning filter (``catch_warnings`` is not thread-safe), and Pillow's limit would
-    also override the user's. diqa checks the declared size itself before decoding instead, so the
-    two checks never disagree. A counter, not a plain swap, because decoder threads overlap.
+    Pillow's own check is never switched off. While any diqa decode runs, ``Image.MAX_IMAGE_PIXELS``
+    is the smallest limit among them (so Pillow refuses outright above twice that, in every
+    loader), and restored when the last one ends. Pillow only *warns* between 1x and 2x its limit;
+    turning that warning into an error would take a process-wide warning filter, which threads
+    race on (``catch_warnings`` is not thread-safe). So diqa wraps the size check Pillow's
+    loaders call before they allocate (``_diqa_size_check``): on this thread it refuses anything
+    over ``limit``, with no warning band. Other threads keep Pillow's behaviour.
     """
-    global _pillow_guard_users, _pillow_guard_saved
-    with _pillow_guard_lock:
-        if _pillow_guard_users == 0:
-            _pillow_guard_saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-        _pillow_guard_users += 1
+    global _guard_saved
+    _install_size_check()
+    outer = getattr(_guard, "limit", None)
+    _guard.limit = limit if outer is None else min(outer, limit)
+    with _guard_lock:
+        if not _guard_limits:
+            _guard_saved = Image.MAX_IMAGE_PIXELS
+        _guard_limits.append(limit)
+        Image.MAX_IMAGE_PIXELS = min(_guard_limits)
     try:
         yield
     finally:
-        with _pillow_guard_lock:
-            _pillow_guard_users -= 1
-            if _pillow_guard_users == 0:
-                Image.MAX_IMAGE_PIXELS = _pillow_guard_saved
+        _guard.limit = outer
+        with _guard_lock:
+            _guard_limits.remove(limit)
+            Image.MAX_IMAGE_PIXELS = min(_guard_limits) if _guard_limits else _guard_saved
+
+
+def _diqa_limit_replaces_pillows(max_pixels: int | None = None):
+    """Old name of ``_pixel_limit`` (enhance/__init__.py calls it); takes the limit in force."""
+    return _pixel_limit(max_pixels_limit(max_pixels))
 
 
 def load_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
@@ -302,16 +348,19 @@ def _load(path: str, limit: int) -> np.ndarray:
         try:
             source = stack.enter_context(open(path, "rb"))
             if stat.S_ISFIFO(info.st_mode):  # Pillow needs to seek
-                source = io.BytesIO(source.read())
-            with _diqa_limit_replaces_pillows():
+                cap = _pipe_byte_limit(limit)
+                data = source.read(cap + 1)
+                if len(data) > cap:
+                    raise InputError(
+                        path, _too_many_pixels(f"the pipe sent more than {cap} bytes, 8 per pixel of the limit")
+                    )
+                source = io.BytesIO(data)
+            with _pixel_limit(limit):
                 img = stack.enter_context(Image.open(source))
                 width, height = img.size
-                if width * height > limit:
+                if width * height > limit:  # Pillow's open checked it already, through diqa's check
                     raise InputError(
-                        path,
-                        f"too many pixels: {width}x{height} = {width * height} exceeds the limit "
-                        f"of {limit} (possible decompression bomb; set {MAX_PIXELS_ENV} to change "
-                        "it)",
+                        path, _too_many_pixels(f"{width}x{height} = {width * height} exceeds the limit of {limit}")
                     )
                 img.load()  # decode now, so that truncation and corruption surface here
                 bits = _tiff_bits_per_sample(img)
@@ -324,7 +373,9 @@ def _load(path: str, limit: int) -> np.ndarray:
             raise InputError(path, "no such file") from None
         except UnidentifiedImageError:
             raise InputError(path, "not an image or unsupported format") from None
-        except Image.DecompressionBombError as exc:  # a loader's own check of a frame or tile
+        except _OverLimit as exc:  # the image, or a frame, tile or subimage a loader checked
+            raise InputError(path, _too_many_pixels(str(exc))) from None
+        except Image.DecompressionBombError as exc:  # Pillow's own check (a path diqa missed)
             raise InputError(path, f"too many pixels: {_one_line(exc)}") from None
         except OSError as exc:
             if "truncated" in str(exc):
@@ -333,6 +384,15 @@ def _load(path: str, limit: int) -> np.ndarray:
         except Exception as exc:  # loaders report damage as SyntaxError, struct.error, ...
             raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
         return _to_rgb(img, bits, path)
+
+
+def _pipe_byte_limit(limit: int) -> int:
+    """Bytes read from a pipe at most: 8 a pixel (uncompressed 16-bit RGBA) plus 1 MiB of headers."""
+    return 8 * limit + (1 << 20)
+
+
+def _too_many_pixels(detail: str) -> str:
+    return f"too many pixels: {detail} (possible decompression bomb; set {MAX_PIXELS_ENV} to change it)"
 
 
 def _tiff_bits_per_sample(img: Image.Image) -> int | None:
