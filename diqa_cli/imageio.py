@@ -381,6 +381,8 @@ def _load(path: str, limit: int) -> np.ndarray:
             if "truncated" in str(exc):
                 raise InputError(path, "truncated image data") from None
             raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
+        except MemoryError:
+            raise  # the caller knows the memory ceiling (see decodepool); not the file's fault alone
         except Exception as exc:  # loaders report damage as SyntaxError, struct.error, ...
             raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
         return _to_rgb(img, bits, path)
@@ -464,13 +466,28 @@ def resize_for_model(
     ``resample`` is "bicubic" (default; GenzIQA's released transform) or "bilinear" (the default
     of torchvision's ``Resize``, which DP-IQA's released transform uses).
     """
-    method = _resample_filter(resample)
+    return _model_input(_resize(image, resolution, _resample_filter(resample)))
+
+
+def _resize(image: np.ndarray, resolution: int, method: Image.Resampling) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (R, R, 3); float (H, W, 3) -> float32 (3, R, R) in [0, 1]. The
+    uint8 result is four times smaller, which is what a decoder process sends back."""
     if image.dtype == np.uint8:
-        return _model_floats(_resize_8bit(image, resolution, method))
+        return _resize_8bit(image, resolution, method)
     planes = np.ascontiguousarray(np.moveaxis(image, 2, 0), dtype=np.float32)
     size = (resolution, resolution)
     resized = np.stack([np.asarray(Image.fromarray(p).resize(size, method)) for p in planes])
     return np.clip(resized, 0.0, 1.0, out=resized)
+
+
+def _model_input(resized: np.ndarray) -> np.ndarray:
+    """``_resize``'s result as the model's float32 (3, R, R)."""
+    return _model_floats(resized) if resized.dtype == np.uint8 else resized
+
+
+def _decode_resized(path: str, resolution: int, method: Image.Resampling, limit: int) -> np.ndarray:
+    """One input from file to ``_resize``'s result; raises ``InputError`` (or MemoryError)."""
+    return _resize(_load(path, limit), resolution, method)
 
 
 def _resize_8bit(rgb: np.ndarray, resolution: int, method: Image.Resampling) -> np.ndarray:
@@ -502,26 +519,46 @@ def iter_images(
     prefetch: int = 8,
     max_pixels: int | None = None,
     resample: str = "bicubic",
+    isolation: str | None = None,
+    memory_mb: int | None = None,
+    timeout_s: float | None = None,
 ) -> Iterator[tuple[InputItem, np.ndarray | None, str | None]]:
-    """Yield ``(item, pixels, error)`` in input order, decoding ahead in a thread pool.
+    """Yield ``(item, pixels, error)`` in input order, decoding ahead of the consumer.
 
     ``pixels`` is ``resize_for_model``'s (3, R, R) array, or None with ``error`` the one-line
     reason. At most ``prefetch`` inputs are decoded or decoding ahead of the consumer, which
     bounds memory. A bad input never raises. Options are checked here, before the first decode.
+
+    ``isolation`` (default ``$DIQA_DECODE_ISOLATION``, else "process"): "process" decodes in
+    ``workers`` worker processes, each input under a memory ceiling (``memory_mb``, default
+    ``$DIQA_DECODE_MEMORY_MB``) and a time limit (``timeout_s``, default
+    ``$DIQA_DECODE_TIMEOUT``), so a decoder that crashes, hangs or runs out of memory costs only
+    its input; "thread" decodes in ``workers`` threads of this process, without those limits.
+    See ``diqa_cli.decodepool``.
     """
+    from diqa_cli import decodepool
+
     if workers < 1 or prefetch < 1:
         raise UsageError(f"workers and prefetch must be at least 1, got {workers} and {prefetch}")
-    _resample_filter(resample)
+    method = _resample_filter(resample)
     limit = max_pixels_limit(max_pixels)
+    mode = decodepool.isolation_mode(isolation)
+    if mode == "process":
+        limits = decodepool.decode_limits(memory_mb, timeout_s, max_pixels=limit)
+        return decodepool.decode_in_processes(
+            items, resolution, method, limit, workers=workers, prefetch=prefetch, limits=limits
+        )
 
     def decode(item: InputItem) -> tuple[InputItem, np.ndarray | None, str | None]:
         if item.error is not None:
             return item, None, item.error
         try:
-            image = _load(item.path, limit)
+            resized = _decode_resized(item.path, resolution, method, limit)
         except InputError as exc:
             return item, None, exc.reason
-        return item, resize_for_model(image, resolution, resample=resample), None
+        except MemoryError:
+            return item, None, "ran out of memory while decoding"
+        return item, _model_input(resized), None
 
     return _decode_ahead(items, decode, workers, prefetch)
 
