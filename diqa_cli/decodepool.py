@@ -16,7 +16,10 @@ input can do is cost its own row:
   * crashes: a worker that dies (a signal, ``os._exit``) gives "decoder crashed (signal 11)";
     SIGKILL adds that it is often the system running out of memory.
   A worker that was killed or died is replaced and the run goes on with the next input; an
-  input it had taken but not started goes to another worker.
+  input it had taken but not started goes to another worker. A worker that cannot start at all
+  (it exits before it is ready, or is not ready within 60 s) stops the run instead, with a
+  ``DecoderStartError`` that names ``DIQA_DEBUG=1`` and ``DIQA_DECODE_ISOLATION=thread``: every
+  input would fail the same way.
 
 Workers are plain ``python -c`` processes reading tasks from a pipe, not multiprocessing's:
 its "spawn" and "forkserver" start methods re-import the caller's ``__main__`` in every worker
@@ -65,7 +68,7 @@ from multiprocessing.connection import wait
 
 import numpy as np
 
-from diqa_cli.errors import UsageError
+from diqa_cli.errors import DiqaError, UsageError
 
 __all__ = [
     "DEBUG_ENV",
@@ -76,6 +79,7 @@ __all__ = [
     "MEMORY_ENV",
     "TIMEOUT_ENV",
     "DecodeLimits",
+    "DecoderStartError",
     "decode_in_processes",
     "decode_limits",
     "isolation_mode",
@@ -91,6 +95,15 @@ DEFAULT_TIMEOUT_S = 120.0
 # Bytes of address space a decode may need per pixel of the pixel limit: a 16-bit image goes
 # through float64 and float32 copies of its three channels (see imageio._to_rgb).
 _BYTES_PER_LIMIT_PIXEL = 40
+
+
+class DecoderStartError(DiqaError):
+    """Decoder processes cannot start here; nothing could be decoded."""
+
+
+# Seconds a fresh worker may take to start (a Python start and the imports) before it counts as
+# unable to; its inputs' time limit starts when it is ready.
+_START_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -156,7 +169,8 @@ def _env_number(name, kind, what, example):
 #   task   (parent -> worker): _TASK (resolution, method, limit, path length) + os.fsencode(path)
 #   answer (worker -> parent): _ANSWER (status, dtype, d0, d1, d2) + payload: the array's bytes
 #          (status 0) or the UTF-8 reason (status 1, d0 = its length)
-# The worker stops when its task pipe reaches end of file.
+# A worker sends one answer with status 2 and no payload when it is ready to serve, and stops
+# when its task pipe reaches end of file.
 
 _TASK = struct.Struct("<IIQI")
 _ANSWER = struct.Struct("<BBIII")
@@ -194,6 +208,8 @@ def _serve(task_fd: int, answer_fd: int, memory_mb: int) -> None:
     _cap_address_space(memory_mb)
     tasks = open(task_fd, "rb")
     answers = open(answer_fd, "wb")
+    answers.write(_ANSWER.pack(2, 0, 0, 0, 0))
+    answers.flush()
     while True:
         header = tasks.read(_TASK.size)
         if len(header) < _TASK.size:
@@ -295,6 +311,8 @@ class _Worker:
         self.buffer = bytearray()
         self.tasks: deque[_Slot] = deque()  # sent, not answered, in the order the worker takes them
         self.deadline = math.inf  # for tasks[0]
+        self.started = time.monotonic()
+        self.ready = False
         self.key = (memory_mb, debug, _worker_prelude)
         self.owner = os.getpid()
 
@@ -321,7 +339,9 @@ class _Worker:
         answers = []
         while len(self.buffer) >= _ANSWER.size:
             status, code, d0, d1, d2 = _ANSWER.unpack_from(self.buffer)
-            if status == 1 and d0 <= _MAX_REASON:
+            if status == 2:
+                size = 0
+            elif status == 1 and d0 <= _MAX_REASON:
                 size = d0
             elif status == 0 and code in _DTYPES:
                 size = d0 * d1 * d2 * _DTYPES[code].itemsize
@@ -436,6 +456,8 @@ class _Manager(threading.Thread):
         with self.changed:
             self.changed.wait_for(lambda: slot.row is not None or self.error is not None)
             if slot.row is None:
+                if isinstance(self.error, DecoderStartError):
+                    raise self.error
                 raise RuntimeError("the decoding manager failed") from self.error
             return slot.row
 
@@ -492,7 +514,8 @@ class _Manager(threading.Thread):
                     self.queue.appendleft(slot)
                 return
             if not worker.tasks:
-                worker.deadline = time.monotonic() + self.limits.timeout_s
+                worker.deadline = (time.monotonic() + self.limits.timeout_s if worker.ready
+                                   else worker.started + _START_TIMEOUT_S)
             worker.tasks.append(slot)
 
     def _collect(self) -> None:
@@ -509,10 +532,19 @@ class _Manager(threading.Thread):
                 if reason is None:
                     continue
             elif worker.tasks and now >= worker.deadline:
+                if not worker.ready:
+                    worker.stop(kill=True)
+                    raise self._start_error(f"not ready after {_START_TIMEOUT_S:g} s")
                 reason = f"decoding took longer than {self.limits.timeout_s:g} s"
             else:
                 continue
             self._retire(worker, reason)
+
+    def _start_error(self, what: str) -> DecoderStartError:
+        return DecoderStartError(
+            f"the image decoder processes do not start ({what}); run with DIQA_DEBUG=1 to see "
+            f"their error, or set {ISOLATION_ENV}=thread to decode in this process"
+        )
 
     def _take_answers(self, worker: _Worker) -> str | None:
         """Settle the answers waiting; the reason to retire the worker, if there is one."""
@@ -521,9 +553,18 @@ class _Manager(threading.Thread):
         except _Malformed:
             return "decoder sent a malformed answer"
         for answer in answers:
-            if not worker.tasks:
+            if answer[0] == 2:  # ready
+                if worker.ready:
+                    return "decoder sent a malformed answer"
+                worker.ready = True
+                if worker.tasks:
+                    worker.deadline = time.monotonic() + self.limits.timeout_s
+                continue
+            if not worker.tasks or not worker.ready:
                 return "decoder sent a malformed answer"
             self._settle(worker, answer)
+        if ended and not worker.ready:
+            raise self._start_error(_how_it_ended(worker.process))
         return _death_reason(worker.process) if ended else None
 
     def _settle(self, worker: _Worker, answer) -> None:
@@ -557,15 +598,19 @@ class _Manager(threading.Thread):
 
 
 def _death_reason(process) -> str:
+    return f"decoder crashed ({_how_it_ended(process)})"
+
+
+def _how_it_ended(process) -> str:
     try:
         code = process.wait(1.0)
-    except Exception:
-        return "decoder stopped answering"
+    except Exception:  # subprocess.TimeoutExpired: it closed its pipe but runs on
+        return "it closed its pipe but runs on"
     if code < 0:
         if -code == signal.SIGKILL:
-            return f"decoder crashed (signal {-code}: killed, often by the system running out of memory)"
-        return f"decoder crashed (signal {-code})"
-    return f"decoder crashed (exit status {code})"
+            return f"signal {-code}: killed, often by the system running out of memory"
+        return f"signal {-code}"
+    return f"exit status {code}"
 
 
 def decode_in_processes(

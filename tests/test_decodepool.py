@@ -162,6 +162,12 @@ def test_idle_workers_are_reused_by_the_next_call(tmp_path):
     assert decodepool._spare  # kept for the next call
 
 
+def test_workers_that_cannot_start_stop_the_run_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(decodepool, "_worker_prelude", "raise SystemExit(4)")
+    with pytest.raises(decodepool.DecoderStartError, match="exit status 4.*DIQA_DEBUG=1.*DIQA_DECODE_ISOLATION=thread"):
+        rows_for([good_png(tmp_path / "a.png")])
+
+
 @pytest.mark.parametrize(
     "env,value,message",
     [
