@@ -355,6 +355,8 @@ def _load(path: str, limit: int) -> np.ndarray:
                         path, _too_many_pixels(f"the pipe sent more than {cap} bytes, 8 per pixel of the limit")
                     )
                 source = io.BytesIO(data)
+            else:
+                source = _CappedReads(source, info.st_size)
             with _pixel_limit(limit):
                 img = stack.enter_context(Image.open(source))
                 width, height = img.size
@@ -386,6 +388,27 @@ def _load(path: str, limit: int) -> np.ndarray:
         except Exception as exc:  # loaders report damage as SyntaxError, struct.error, ...
             raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
         return _to_rgb(img, bits, path)
+
+
+class _CappedReads:
+    """A file whose ``read(n)`` never asks for more than the bytes left in it.
+
+    Loaders pass sizes read from the file itself (a PNG chunk length, a JPEG 2000 box length),
+    and a buffered ``read(n)`` allocates n bytes before reading: a damaged 2 GB length asked for
+    2 GB of memory to read a few hundred bytes. Everything else goes to the file unchanged.
+    """
+
+    def __init__(self, file, size: int):
+        self._file = file
+        self._size = size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is not None and n > (1 << 20):
+            n = max(0, min(n, self._size - self._file.tell()))
+        return self._file.read(n)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
 
 
 def _pipe_byte_limit(limit: int) -> int:
