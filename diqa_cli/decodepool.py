@@ -45,6 +45,10 @@ chatter that native libraries print straight to file descriptor 2 (libtiff's and
 "Unsupported marker", "Using code not yet in table", Pillow's Python warnings) never mixes with
 diqa's messages. Set ``DIQA_DEBUG=1`` to let their stderr through.
 
+Workers start from a fresh interpreter: Pillow settings and plugins registered at run time in
+this process (``pillow_heif.register_heif_opener()``, ``ImageFile.LOAD_TRUNCATED_IMAGES``) do
+not reach them; diqa registers none, and decodes with Pillow's defaults on purpose.
+
 ``isolation="thread"`` (or ``DIQA_DECODE_ISOLATION=thread``) decodes in threads of this process
 instead: no worker start-up and no copy through a pipe, but no memory ceiling, no time limit, no
 protection from a crashing codec, and codec chatter reaches stderr. It is the mode for
@@ -291,7 +295,11 @@ class _Worker:
 
         task_read, task_write = os.pipe()
         answer_read, answer_write = os.pipe()
-        code = (f"{_worker_prelude}\nfrom diqa_cli.decodepool import _serve\n"
+        # The worker imports this very diqa_cli: its folder goes first on the path unless the
+        # path has it already (site-packages must not come before the standard library).
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (f"import sys\nroot = {root!r}\nif root not in sys.path: sys.path.insert(0, root)\n"
+                f"{_worker_prelude}\nfrom diqa_cli.decodepool import _serve\n"
                 f"_serve({task_read}, {answer_write}, {memory_mb})")
         try:
             self.process = subprocess.Popen(
@@ -378,12 +386,7 @@ class _Malformed(Exception):
 
 
 def _worker_env() -> dict:
-    import diqa_cli
-
     env = dict(os.environ)
-    # The worker imports this very diqa_cli, wherever it was imported from.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(diqa_cli.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(name, "1")  # numpy's BLAS threads would only reserve memory
     return env
@@ -630,7 +633,7 @@ def decode_in_processes(
     expected = {np.dtype(np.uint8): (resolution, resolution, 3), np.dtype(np.float32): (3, resolution, resolution)}
 
     def task_of(slot):
-        path = os.fsencode(slot.item.path)
+        path = os.fsencode(os.path.abspath(slot.item.path))  # a spare worker may have another cwd
         return _TASK.pack(resolution, int(method), limit, len(path)) + path
 
     def finish(slot, resized, reason):
