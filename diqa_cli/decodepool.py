@@ -32,13 +32,14 @@ A worker holds two inputs at a time so it never waits between them, and a manage
 them fed while the consumer works. Idle workers are kept for the next ``iter_images`` call of
 the process.
 
-Cost (``bench/bench_decode.py``; 2 shared CPU cores at load average 4.5, so noisy): the first
-call waits about 0.2 s for its workers (a Python start plus the numpy and Pillow imports;
-multiprocessing's spawn took 0.4 s, forkserver 0.3 s first and 0.01 s later), a later call
-0.015 s. Over 100 1024x768 JPEGs at 512 px with 2 workers, processes used about 10% more CPU
-than threads (reading results through the pipe, in this process), and ran at 0.73 to 0.92 of
-the threads' images/s on that starved machine; where a core is free, or the model is the
-bottleneck, as it is for every diffusion method, that is hidden. So "process" is the default.
+Cost (``bench/bench_decode.py``, four runs on 2 CPU cores shared with other jobs, load average
+2.5 to 4.5, so noisy): the first call waits 0.16 to 0.28 s for its workers (a Python start plus
+the numpy and Pillow imports; multiprocessing's spawn took 0.36 to 0.60 s, its forkserver 0.22 to
+0.35 s first and 0.01 s later), a later call 0.015 s. Over 100 1024x768 JPEGs at 512 px with 2
+workers, processes used about 10% more CPU than threads in all (reading answers through the
+pipe, here) and ran at 0.73 to 0.97 of the threads' images/s on that CPU-starved machine. Where
+a core is free, or the model is the bottleneck (as for every diffusion method), that is hidden,
+so "process" is the default.
 
 Workers write nothing to the terminal: their stdout and stderr go to ``/dev/null``, so codec
 chatter that native libraries print straight to file descriptor 2 (libtiff's and libjpeg's
