@@ -139,18 +139,19 @@ def decode_limits(
 ) -> DecodeLimits:
     """The limits in force: the arguments if given, else ``$DIQA_DECODE_MEMORY_MB`` and
     ``$DIQA_DECODE_TIMEOUT``, else the defaults (the memory default grows with ``max_pixels``)."""
+    source = "memory_mb"
     if memory_mb is None:
-        memory_mb = _env_number(MEMORY_ENV, int, "a whole number of MiB", DEFAULT_MEMORY_MB)
+        memory_mb, source = _env_number(MEMORY_ENV, int, "a whole number of MiB", DEFAULT_MEMORY_MB), MEMORY_ENV
     if memory_mb is None:
         memory_mb = max(DEFAULT_MEMORY_MB, math.ceil(_BYTES_PER_LIMIT_PIXEL * max_pixels / 2**20))
     elif memory_mb < 64:
-        raise UsageError(f"the decoder memory limit must be at least 64 MiB, got {memory_mb}")
+        raise UsageError(f"{source}={memory_mb}: the decoder memory limit must be at least 64 MiB")
     if timeout_s is None:
         timeout_s = _env_number(TIMEOUT_ENV, float, "a number of seconds", DEFAULT_TIMEOUT_S)
     if timeout_s is None:
         timeout_s = DEFAULT_TIMEOUT_S
     elif not (math.isfinite(timeout_s) and timeout_s > 0):
-        raise UsageError(f"the decoding time limit must be a positive number of seconds, got {timeout_s}")
+        raise UsageError(f"timeout_s={timeout_s}: the decoding time limit must be a positive number of seconds")
     return DecodeLimits(memory_mb=int(memory_mb), timeout_s=float(timeout_s))
 
 

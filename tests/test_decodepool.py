@@ -174,6 +174,7 @@ def test_workers_that_cannot_start_stop_the_run_with_the_fix(tmp_path, monkeypat
         ("DIQA_DECODE_TIMEOUT", "soon", "DIQA_DECODE_TIMEOUT='soon' is not a number of seconds"),
         ("DIQA_DECODE_TIMEOUT", "-1", "DIQA_DECODE_TIMEOUT='-1'"),
         ("DIQA_DECODE_MEMORY_MB", "lots", "DIQA_DECODE_MEMORY_MB='lots' is not a whole number of MiB"),
+        ("DIQA_DECODE_MEMORY_MB", "32", "DIQA_DECODE_MEMORY_MB=32: the decoder memory limit must be at least 64 MiB"),
         ("DIQA_DECODE_ISOLATION", "container", "choose one of process, thread"),
     ],
 )
