@@ -1,4 +1,4 @@
-"""Image inputs: which files to read, and how each becomes RGB floats in [0, 1].
+"""Image inputs: which files to read, and how each becomes the model's RGB floats in [0, 1].
 
 Torch-free (numpy and Pillow only), so the CLI can expand and check inputs before importing torch.
 
@@ -21,27 +21,37 @@ Accepted inputs (``expand_inputs``)
   empty ``-`` each yield an item carrying its error, so every input gets exactly one output row.
 
 Decoding (``load_image``)
+  The array keeps the source's precision: uint8 (H, W, 3) for 8-bit sources (every Pillow mode
+  but the ones below: RGB, L, P, 1, CMYK, YCbCr, RGBA, LA, ...), float32 (H, W, 3) in [0, 1] for
+  16-bit and float sources. ``as_float_rgb`` turns either into floats in [0, 1].
   * EXIF orientation is applied, so the array has the shape a photo viewer shows.
   * 16-bit samples (Pillow modes ``I;16*``, and ``I`` as Pillow gives 16-bit PGM/PPM data) are
     divided by 65535; ``I`` from a TIFF uses the file's BitsPerSample (2**bits - 1). Integer data
     outside that range (signed TIFF) is min-max normalised. Nothing is clipped. Pillow 13 reads
-    48-bit RGB and 64-bit RGBA PNG/TIFF as 8 bits per channel (the high byte); those scale
-    correctly at 8-bit precision.
+    48-bit RGB and 64-bit RGBA PNG/TIFF as 8 bits per channel (the high byte); those are 8-bit
+    sources.
   * Float images (mode ``F``, float TIFF): values already within [0, 1] are kept as they are;
     otherwise the image is min-max normalised to [0, 1] (a constant image outside [0, 1] is
     clipped).
     NaN or infinite pixels make the input fail.
-  * Alpha (RGBA, LA, PA, palette or RGB/L with a transparent colour) is composited over white.
-  * CMYK, palette, grayscale, bilevel, YCbCr, HSV, LAB... are converted to RGB by Pillow; embedded
-    colour profiles are not applied (as in the papers' released code, which calls
-    ``convert("RGB")``).
+  * Alpha (RGBA, LA, PA, palette or RGB/L with a transparent colour) is composited over white, a
+    departure from the released code (whose ``convert("RGB")`` drops alpha, leaving whatever
+    colour the transparent pixels store). The composite is Pillow's ``alpha_composite`` over an
+    opaque white image, in 8-bit integer arithmetic, so these images stay 8-bit sources.
+  * CMYK, palette, grayscale, bilevel, YCbCr, HSV, LAB... are converted to RGB by Pillow's
+    ``convert("RGB")``, as in the papers' released code; embedded colour profiles are not applied.
   * Animated images (GIF, APNG, WebP) are scored on their first frame.
   * Pixel limit: an image whose header declares more than ``DEFAULT_MAX_PIXELS`` (100 megapixels)
     fails before any pixel is decoded ("decompression bomb" protection). Override it with the
-    ``max_pixels`` argument or the ``DIQA_MAX_PIXELS`` environment variable. This limit replaces
-    Pillow's own ``Image.MAX_IMAGE_PIXELS`` check while diqa decodes, so Pillow's
-    DecompressionBombWarning never lets an over-limit image through nor prints to stderr, and no
-    warning filter is changed.
+    ``max_pixels`` argument or the ``DIQA_MAX_PIXELS`` environment variable. Pillow's own check
+    stays on: while diqa decodes, ``Image.MAX_IMAGE_PIXELS`` is set to diqa's limit (and restored
+    after), and the band where Pillow would only warn (DecompressionBombWarning, 1x to 2x its
+    limit) is refused too, on the decoding thread only, without a warning filter (see
+    ``_pixel_limit``).
+  * The limit holds inside containers too: the size of every frame, tile or embedded image a
+    Pillow loader is about to allocate (ICO and ICNS subimages, PNG or JPEG 2000 inside them, TIFF
+    tiles, GIF and MPO frames) is checked against it, so a small container cannot declare a
+    gigapixel subimage. A pipe is read into memory up to 8 bytes a pixel of the limit (plus 1 MiB).
   * Truncated files fail: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False and the pixel
     data is decoded in full before it is used.
   Missing, directory, unreadable, empty, non-image, corrupt, truncated and over-limit inputs raise
@@ -50,8 +60,19 @@ Decoding (``load_image``)
 Model input (``resize_for_model``)
   Every image, whatever its size or aspect ratio (a 1x1 image included), is resized to R x R,
   ignoring aspect ratio, as the papers' released code does; upscaling a tiny image just blurs it.
-  The resize runs per channel in float (Pillow mode ``F``, so 16-bit precision survives) and is
-  clipped to [0, 1] afterwards because bicubic filtering overshoots at sharp edges.
+  The filter is the method's (``resample``): DP-IQA's released transform is torchvision's
+  ``Resize((512, 512))`` (Pillow BILINEAR, antialiased when shrinking), GenzIQA's is
+  ``Resize((512, 512), interpolation=BICUBIC)``; both then ``ToTensor()``.
+  * 8-bit sources take the released path exactly: the uint8 RGB image is resized by Pillow and
+    divided by 255 in float32, so the array is bit-equal to
+    ``Compose([Resize((R, R), interpolation=...), ToTensor()])(Image.open(p).convert("RGB"))``
+    for every opaque image without EXIF rotation. Video frames (``videoio.resize_frame``) take
+    the same path.
+  * 16-bit and float sources keep their precision instead: the resize runs per channel in float
+    (Pillow mode ``F``) and is clipped to [0, 1] afterwards because bicubic filtering overshoots
+    at sharp edges. Here diqa departs from the released code on purpose: its
+    ``convert("RGB")`` clips 16-bit grey to 0..255 (a 16-bit photo turns almost white) and
+    float data to whole numbers.
 """
 
 from __future__ import annotations
@@ -79,11 +100,13 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "InputItem",
+    "as_float_rgb",
     "expand_inputs",
     "iter_images",
     "load_image",
     "max_pixels_limit",
     "pil_for_model",
+    "pillow_pixel_limit",
     "resize_for_model",
 ]
 
@@ -107,7 +130,7 @@ _GLOB_CHARS = re.compile(r"[*?[]")
 # Transparent pixels become white: most images with an alpha channel (logos, product shots,
 # screenshots, documents) are made to be seen on a white page, and black would hide dark content,
 # while a checkerboard would add texture that a quality model reads as a distortion.
-_ALPHA_BACKGROUND = 1.0
+_ALPHA_BACKGROUND = 255
 
 
 @dataclass(frozen=True)
@@ -214,43 +237,99 @@ def max_pixels_limit(max_pixels: int | None = None) -> int:
     return max_pixels
 
 
-_pillow_guard_lock = threading.Lock()
-_pillow_guard_users = 0
-_pillow_guard_saved: int | None = None
+class _OverLimit(Image.DecompressionBombError):
+    """Raised by diqa's size check inside Pillow; the text is the reason's detail."""
+
+
+_guard = threading.local()  # .limit: the pixel limit of the diqa decode running on this thread
+_guard_lock = threading.Lock()
+_guard_limits: list[int] = []  # the limits of every diqa decode running now, on any thread
+_guard_saved: int | None = None
+_pillow_check = None  # Pillow's own Image._decompression_bomb_check, once diqa has wrapped it
+
+
+def _diqa_size_check(size, *args, **kwargs):
+    """Stands in for ``Image._decompression_bomb_check``, which every Pillow loader calls on a
+    size it is about to allocate (the image, an ICO or ICNS subimage, a TIFF tile, a GIF or MPO
+    frame). On a thread running a diqa decode, a size over diqa's limit is refused, the whole
+    band where Pillow would only warn included; elsewhere Pillow's own check runs unchanged."""
+    limit = getattr(_guard, "limit", None)
+    if limit is None:
+        return _pillow_check(size, *args, **kwargs)
+    width, height = size
+    pixels = max(1, width) * max(1, height)
+    if pixels > limit:
+        raise _OverLimit(f"{width}x{height} = {pixels} exceeds the limit of {limit}")
+    return None
+
+
+def _install_size_check() -> None:
+    global _pillow_check
+    with _guard_lock:
+        current = getattr(Image, "_decompression_bomb_check", None)
+        if current is None or current is _diqa_size_check:
+            return  # already wrapped, or a Pillow without the hook (MAX_IMAGE_PIXELS still holds)
+        _pillow_check = current
+        Image._decompression_bomb_check = _diqa_size_check
 
 
 @contextlib.contextmanager
-def _diqa_limit_replaces_pillows():
-    """Switch Pillow's own pixel check off while any diqa decode runs, and restore it after.
+def _pixel_limit(limit: int):
+    """Hold Pillow to diqa's pixel limit while a decode runs on this thread.
 
-    Pillow checks ``Image.MAX_IMAGE_PIXELS`` while opening (and again in some loaders) and only
-    *warns* between 1x and 2x that limit. Turning that warning into an error would need a
-    process-wide warning filter (``catch_warnings`` is not thread-safe), and Pillow's limit would
-    also override the user's. diqa checks the declared size itself before decoding instead, so the
-    two checks never disagree. A counter, not a plain swap, because decoder threads overlap.
+    Pillow's own check is never switched off. While any diqa decode runs, ``Image.MAX_IMAGE_PIXELS``
+    is the smallest limit among them (so Pillow refuses outright above twice that, in every
+    loader), and restored when the last one ends. Pillow only *warns* between 1x and 2x its limit;
+    turning that warning into an error would take a process-wide warning filter, which threads
+    race on (``catch_warnings`` is not thread-safe). So diqa wraps the size check Pillow's
+    loaders call before they allocate (``_diqa_size_check``): on this thread it refuses anything
+    over ``limit``, with no warning band. Other threads keep Pillow's behaviour.
     """
-    global _pillow_guard_users, _pillow_guard_saved
-    with _pillow_guard_lock:
-        if _pillow_guard_users == 0:
-            _pillow_guard_saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-        _pillow_guard_users += 1
+    global _guard_saved
+    _install_size_check()
+    outer = getattr(_guard, "limit", None)
+    _guard.limit = limit if outer is None else min(outer, limit)
+    with _guard_lock:
+        if not _guard_limits:
+            _guard_saved = Image.MAX_IMAGE_PIXELS
+        _guard_limits.append(limit)
+        Image.MAX_IMAGE_PIXELS = min(_guard_limits)
     try:
         yield
     finally:
-        with _pillow_guard_lock:
-            _pillow_guard_users -= 1
-            if _pillow_guard_users == 0:
-                Image.MAX_IMAGE_PIXELS = _pillow_guard_saved
+        _guard.limit = outer
+        with _guard_lock:
+            _guard_limits.remove(limit)
+            Image.MAX_IMAGE_PIXELS = min(_guard_limits) if _guard_limits else _guard_saved
+
+
+def pillow_pixel_limit(max_pixels: int | None = None):
+    """Hold Pillow to diqa's pixel limit (``max_pixels``, else the one in force) while this
+    thread opens an image itself (enhancement reads a file's mode and alpha after ``load_image``)."""
+    return _pixel_limit(max_pixels_limit(max_pixels))
 
 
 def load_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
-    """Decode one image file to float32 (H, W, 3) RGB in [0, 1].
+    """Decode one image file to RGB (H, W, 3): uint8 for 8-bit sources (values 0..255), float32
+    in [0, 1] for 16-bit and float sources. ``resize_for_model`` takes either.
 
     Raises ``InputError(path, reason)`` for anything that cannot be used; see the module
     docstring for the conversion rules and the pixel limit.
     """
-    limit = max_pixels_limit(max_pixels)
+    image = _load(path, max_pixels_limit(max_pixels))
+    return image if image.flags.writeable else image.copy()
+
+
+def as_float_rgb(image: np.ndarray) -> np.ndarray:
+    """``load_image``'s array as float32 (H, W, 3) in [0, 1] whatever the source's bit depth
+    (uint8 is divided by 255, as ``ToTensor()`` does)."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / np.float32(255)
+    return image.astype(np.float32, copy=False)
+
+
+def _load(path: str, limit: int) -> np.ndarray:
+    """``load_image`` with the limit resolved; the array may be read-only."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -272,16 +351,21 @@ def load_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
         try:
             source = stack.enter_context(open(path, "rb"))
             if stat.S_ISFIFO(info.st_mode):  # Pillow needs to seek
-                source = io.BytesIO(source.read())
-            with _diqa_limit_replaces_pillows():
+                cap = _pipe_byte_limit(limit)
+                data = source.read(cap + 1)
+                if len(data) > cap:
+                    raise InputError(
+                        path, _too_many_pixels(f"the pipe sent more than {cap} bytes, 8 per pixel of the limit")
+                    )
+                source = io.BytesIO(data)
+            else:
+                source = _CappedReads(source, info.st_size)
+            with _pixel_limit(limit):
                 img = stack.enter_context(Image.open(source))
                 width, height = img.size
-                if width * height > limit:
+                if width * height > limit:  # Pillow's open checked it already, through diqa's check
                     raise InputError(
-                        path,
-                        f"too many pixels: {width}x{height} = {width * height} exceeds the limit "
-                        f"of {limit} (possible decompression bomb; set {MAX_PIXELS_ENV} to change "
-                        "it)",
+                        path, _too_many_pixels(f"{width}x{height} = {width * height} exceeds the limit of {limit}")
                     )
                 img.load()  # decode now, so that truncation and corruption surface here
                 bits = _tiff_bits_per_sample(img)
@@ -294,15 +378,49 @@ def load_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
             raise InputError(path, "no such file") from None
         except UnidentifiedImageError:
             raise InputError(path, "not an image or unsupported format") from None
-        except Image.DecompressionBombError as exc:  # a loader's own check of a frame or tile
+        except _OverLimit as exc:  # the image, or a frame, tile or subimage a loader checked
+            raise InputError(path, _too_many_pixels(str(exc))) from None
+        except Image.DecompressionBombError as exc:  # Pillow's own check (a path diqa missed)
             raise InputError(path, f"too many pixels: {_one_line(exc)}") from None
         except OSError as exc:
             if "truncated" in str(exc):
                 raise InputError(path, "truncated image data") from None
             raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
+        except MemoryError:
+            raise  # the caller knows the memory ceiling (see decodepool); not the file's fault alone
         except Exception as exc:  # loaders report damage as SyntaxError, struct.error, ...
             raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
-        return _to_rgb_float(img, bits, path)
+        return _to_rgb(img, bits, path)
+
+
+class _CappedReads:
+    """A file whose ``read(n)`` never asks for more than the bytes left in it.
+
+    Loaders pass sizes read from the file itself (a PNG chunk length, a JPEG 2000 box length),
+    and a buffered ``read(n)`` allocates n bytes before reading: a damaged 2 GB length asked for
+    2 GB of memory to read a few hundred bytes. Everything else goes to the file unchanged.
+    """
+
+    def __init__(self, file, size: int):
+        self._file = file
+        self._size = size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is not None and n > (1 << 20):
+            n = max(0, min(n, self._size - self._file.tell()))
+        return self._file.read(n)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def _pipe_byte_limit(limit: int) -> int:
+    """Bytes read from a pipe at most: 8 a pixel (uncompressed 16-bit RGBA) plus 1 MiB of headers."""
+    return 8 * limit + (1 << 20)
+
+
+def _too_many_pixels(detail: str) -> str:
+    return f"too many pixels: {detail} (possible decompression bomb; set {MAX_PIXELS_ENV} to change it)"
 
 
 def _tiff_bits_per_sample(img: Image.Image) -> int | None:
@@ -313,7 +431,8 @@ def _tiff_bits_per_sample(img: Image.Image) -> int | None:
     return bits if isinstance(bits, int) else None
 
 
-def _to_rgb_float(img: Image.Image, tiff_bits: int | None, path: str) -> np.ndarray:
+def _to_rgb(img: Image.Image, tiff_bits: int | None, path: str) -> np.ndarray:
+    """uint8 (H, W, 3) for 8-bit sources, float32 (H, W, 3) in [0, 1] for 16-bit and float."""
     mode = img.mode
     if mode.startswith("I;16"):
         gray = np.asarray(img).astype(np.float32) / 65535.0
@@ -337,15 +456,15 @@ def _to_rgb_float(img: Image.Image, tiff_bits: int | None, path: str) -> np.ndar
     else:
         try:
             if img.has_transparency_data:
-                rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-                alpha = rgba[..., 3:]
-                return rgba[..., :3] * alpha + _ALPHA_BACKGROUND * (1.0 - alpha)
-            rgb = img if mode == "RGB" else img.convert("RGB")
+                # Over white in 8-bit integer arithmetic, so the result takes the exact path too.
+                rgba = img.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (_ALPHA_BACKGROUND,) * 4)
+                rgb = Image.alpha_composite(white, rgba).convert("RGB")
+            else:
+                rgb = img if mode == "RGB" else img.convert("RGB")
         except ValueError as exc:  # a mode Pillow cannot convert (e.g. premultiplied "La")
             raise InputError(path, f"unsupported colour mode {mode}: {_one_line(exc)}") from None
-        pixels = np.asarray(rgb).astype(np.float32)
-        pixels *= 1.0 / 255.0
-        return pixels
+        return np.asarray(rgb)
     return np.repeat(gray[..., None], 3, axis=2)
 
 
@@ -365,17 +484,48 @@ def _one_line(exc: BaseException) -> str:
 def resize_for_model(
     image: np.ndarray, resolution: int, *, resample: str = "bicubic"
 ) -> np.ndarray:
-    """(H, W, 3) float RGB in [0, 1] -> float32 (3, R, R) in [0, 1], aspect ratio ignored.
+    """(H, W, 3) RGB -> float32 (3, R, R) in [0, 1], aspect ratio ignored.
 
+    ``image`` is what ``load_image`` returns: uint8 for 8-bit sources, resized as an 8-bit Pillow
+    image and divided by 255, bit-equal to the released ``Resize((R, R))`` + ``ToTensor()``; or
+    float in [0, 1] (16-bit and float sources), resized per channel in float and clipped.
     ``resample`` is "bicubic" (default; GenzIQA's released transform) or "bilinear" (the default
-    of torchvision's ``Resize``, which DP-IQA's released transform uses). Pillow filters the same
-    way on 8-bit images, so this matches the released pipelines up to their 8-bit rounding.
+    of torchvision's ``Resize``, which DP-IQA's released transform uses).
     """
-    method = _resample_filter(resample)
+    return _model_input(_resize(image, resolution, _resample_filter(resample)))
+
+
+def _resize(image: np.ndarray, resolution: int, method: Image.Resampling) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (R, R, 3); float (H, W, 3) -> float32 (3, R, R) in [0, 1]. The
+    uint8 result is four times smaller, which is what a decoder process sends back."""
+    if image.dtype == np.uint8:
+        return _resize_8bit(image, resolution, method)
     planes = np.ascontiguousarray(np.moveaxis(image, 2, 0), dtype=np.float32)
     size = (resolution, resolution)
     resized = np.stack([np.asarray(Image.fromarray(p).resize(size, method)) for p in planes])
     return np.clip(resized, 0.0, 1.0, out=resized)
+
+
+def _model_input(resized: np.ndarray) -> np.ndarray:
+    """``_resize``'s result as the model's float32 (3, R, R)."""
+    return _model_floats(resized) if resized.dtype == np.uint8 else resized
+
+
+def _decode_resized(path: str, resolution: int, method: Image.Resampling, limit: int) -> np.ndarray:
+    """One input from file to ``_resize``'s result; raises ``InputError`` (or MemoryError)."""
+    return _resize(_load(path, limit), resolution, method)
+
+
+def _resize_8bit(rgb: np.ndarray, resolution: int, method: Image.Resampling) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (R, R, 3), as torchvision's ``Resize`` does on a PIL image."""
+    return np.asarray(Image.fromarray(rgb, mode="RGB").resize((resolution, resolution), method))
+
+
+def _model_floats(resized: np.ndarray) -> np.ndarray:
+    """uint8 (R, R, 3) -> float32 (3, R, R), as ``ToTensor()``: a true float32 division by 255."""
+    out = np.ascontiguousarray(resized.transpose(2, 0, 1), dtype=np.float32)
+    out /= np.float32(255)
+    return out
 
 
 def pil_for_model(image: Image.Image, resolution: int, *, resample: str = "bicubic") -> np.ndarray:
@@ -385,7 +535,7 @@ def pil_for_model(image: Image.Image, resolution: int, *, resample: str = "bicub
     image.load()
     bits = _tiff_bits_per_sample(image)
     upright = ImageOps.exif_transpose(image)
-    return resize_for_model(_to_rgb_float(upright, bits, "<PIL image>"), resolution, resample=resample)
+    return resize_for_model(_to_rgb(upright, bits, "<PIL image>"), resolution, resample=resample)
 
 
 def _resample_filter(name: str) -> Image.Resampling:
@@ -405,26 +555,46 @@ def iter_images(
     prefetch: int = 8,
     max_pixels: int | None = None,
     resample: str = "bicubic",
+    isolation: str | None = None,
+    memory_mb: int | None = None,
+    timeout_s: float | None = None,
 ) -> Iterator[tuple[InputItem, np.ndarray | None, str | None]]:
-    """Yield ``(item, pixels, error)`` in input order, decoding ahead in a thread pool.
+    """Yield ``(item, pixels, error)`` in input order, decoding ahead of the consumer.
 
     ``pixels`` is ``resize_for_model``'s (3, R, R) array, or None with ``error`` the one-line
     reason. At most ``prefetch`` inputs are decoded or decoding ahead of the consumer, which
     bounds memory. A bad input never raises. Options are checked here, before the first decode.
+
+    ``isolation`` (default ``$DIQA_DECODE_ISOLATION``, else "process"): "process" decodes in
+    ``workers`` worker processes, each input under a memory ceiling (``memory_mb``, default
+    ``$DIQA_DECODE_MEMORY_MB``) and a time limit (``timeout_s``, default
+    ``$DIQA_DECODE_TIMEOUT``), so a decoder that crashes, hangs or runs out of memory costs only
+    its input; "thread" decodes in ``workers`` threads of this process, without those limits.
+    See ``diqa_cli.decodepool``.
     """
+    from diqa_cli import decodepool
+
     if workers < 1 or prefetch < 1:
         raise UsageError(f"workers and prefetch must be at least 1, got {workers} and {prefetch}")
-    _resample_filter(resample)
+    method = _resample_filter(resample)
     limit = max_pixels_limit(max_pixels)
+    mode = decodepool.isolation_mode(isolation)
+    if mode == "process":
+        limits = decodepool.decode_limits(memory_mb, timeout_s, max_pixels=limit)
+        return decodepool.decode_in_processes(
+            items, resolution, method, limit, workers=workers, prefetch=prefetch, limits=limits
+        )
 
     def decode(item: InputItem) -> tuple[InputItem, np.ndarray | None, str | None]:
         if item.error is not None:
             return item, None, item.error
         try:
-            image = load_image(item.path, max_pixels=limit)
+            resized = _decode_resized(item.path, resolution, method, limit)
         except InputError as exc:
             return item, None, exc.reason
-        return item, resize_for_model(image, resolution, resample=resample), None
+        except MemoryError:
+            return item, None, "ran out of memory while decoding"
+        return item, _model_input(resized), None
 
     return _decode_ahead(items, decode, workers, prefetch)
 

@@ -673,17 +673,14 @@ def square_crop(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_frame(rgb: np.ndarray, resolution: int, *, resample: str = "bicubic") -> np.ndarray:
-    """uint8 RGB (H, W, 3) -> float32 (3, R, R) in [0, 1], aspect ratio ignored, as the image
-    methods' released transforms (Pillow on the 8-bit frame, as torchvision's ``Resize`` on a
-    PIL image does)."""
-    from diqa_cli.imageio import RESAMPLE_FILTERS
+    """uint8 RGB (H, W, 3) -> float32 (3, R, R) in [0, 1], aspect ratio ignored: the same exact
+    8-bit path as images (``imageio.resize_for_model``), bit-equal to the released
+    ``Resize((R, R))`` + ``ToTensor()`` on the frame as a PIL image."""
+    from diqa_cli.imageio import resize_for_model
 
-    try:
-        method = RESAMPLE_FILTERS[resample]
-    except KeyError:
-        raise UsageError(f"unknown resample filter {resample!r}; choose one of {', '.join(RESAMPLE_FILTERS)}") from None
-    image = Image.fromarray(rgb).resize((resolution, resolution), method)
-    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    if rgb.dtype != np.uint8:
+        raise ValueError(f"resize_frame takes the decoder's uint8 RGB frames, got {rgb.dtype}")
+    return resize_for_model(rgb, resolution, resample=resample)
 
 
 def open_video(path: str, *, decoder: str = "auto") -> VideoReader:

@@ -17,6 +17,7 @@ from diqa_cli.errors import InputError, UsageError
 from diqa_cli.imageio import (
     DEFAULT_MAX_PIXELS,
     InputItem,
+    as_float_rgb,
     expand_inputs,
     iter_images,
     load_image,
@@ -54,6 +55,11 @@ def write_png16(path, samples, color_type):
         + chunk(b"IEND", b"")
     )
     return path
+
+
+def loaded(path):
+    """``load_image`` as floats in [0, 1], whatever the source's bit depth."""
+    return as_float_rgb(load_image(str(path)))
 
 
 def opened_mode(path):
@@ -191,8 +197,20 @@ def test_stdin_directory_entries_and_empty_stdin(tmp_path):
 def test_rgb_png_values_and_layout(tmp_path):
     path = save_rgb(tmp_path / "x.png", size=(5, 3), color=(0, 51, 255))
     image = load_image(str(path))
-    assert image.dtype == np.float32 and image.shape == (3, 5, 3)
-    np.testing.assert_allclose(image[0, 0], [0.0, 0.2, 1.0], atol=1e-6)
+    assert image.dtype == np.uint8 and image.shape == (3, 5, 3)  # 8-bit sources stay 8-bit
+    assert image[0, 0].tolist() == [0, 51, 255]
+    assert image.flags.writeable
+    floats = as_float_rgb(image)
+    assert floats.dtype == np.float32
+    np.testing.assert_allclose(floats[0, 0], [0.0, 0.2, 1.0], atol=1e-6)
+
+
+def test_16bit_and_float_sources_load_as_float32(tmp_path):
+    path = tmp_path / "gray16.png"
+    Image.fromarray(np.array([[0, 1000]], np.uint16)).save(path)
+    image = load_image(str(path))
+    assert image.dtype == np.float32 and image.shape == (1, 2, 3)
+    assert as_float_rgb(image) is image
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -228,7 +246,7 @@ def test_16bit_big_endian_tiff(tmp_path):
 
 def test_48bit_rgb_png_scales_to_the_right_range(tmp_path):
     samples = np.array([[[65535, 32768, 1000]]], np.uint16)
-    image = load_image(str(write_png16(tmp_path / "rgb48.png", samples, color_type=2)))
+    image = loaded(write_png16(tmp_path / "rgb48.png", samples, color_type=2))
     # Pillow keeps the high byte of each sample: right scale, 8-bit precision.
     np.testing.assert_allclose(image[0, 0], samples[0, 0] / 65535, atol=1.5 / 255)
 
@@ -272,7 +290,7 @@ def test_cmyk_jpeg_is_converted_to_rgb(tmp_path):
     path = tmp_path / "cmyk.jpg"
     Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(path, quality=95)  # pure cyan
     assert opened_mode(path) == "CMYK"
-    np.testing.assert_allclose(load_image(str(path))[4, 4], [0.0, 1.0, 1.0], atol=0.03)
+    np.testing.assert_allclose(loaded(path)[4, 4], [0.0, 1.0, 1.0], atol=0.03)
 
 
 def test_palette_png_with_transparency_is_composited_on_white(tmp_path):
@@ -281,14 +299,14 @@ def test_palette_png_with_transparency_is_composited_on_white(tmp_path):
     image.putpixel((1, 0), 1)
     path = tmp_path / "palette.png"
     image.save(path, transparency=1)
-    np.testing.assert_allclose(load_image(str(path))[0], [[1, 0, 0], [1, 1, 1]])
+    np.testing.assert_allclose(loaded(path)[0], [[1, 0, 0], [1, 1, 1]])
 
 
 def test_la_png_alpha_is_composited_on_white(tmp_path):
     la = np.array([[[0, 255], [0, 0], [0, 128]]], np.uint8)
     path = tmp_path / "la.png"
     Image.fromarray(la, mode="LA").save(path)
-    np.testing.assert_allclose(load_image(str(path))[0, :, 0], [0.0, 1.0, 1 - 128 / 255], atol=1e-6)
+    np.testing.assert_allclose(loaded(path)[0, :, 0], [0.0, 1.0, 1 - 128 / 255], atol=1e-6)
 
 
 def test_rgb_png_transparent_colour_key_becomes_white(tmp_path):
@@ -296,14 +314,14 @@ def test_rgb_png_transparent_colour_key_becomes_white(tmp_path):
     image.putpixel((1, 0), (0, 255, 0))
     path = tmp_path / "keyed.png"
     image.save(path, transparency=(0, 255, 0))
-    np.testing.assert_allclose(load_image(str(path))[0], [[1, 0, 0], [1, 1, 1]])
+    np.testing.assert_allclose(loaded(path)[0], [[1, 0, 0], [1, 1, 1]])
 
 
 @pytest.mark.parametrize("mode", ["1", "L"])
 def test_bilevel_and_grayscale_become_equal_rgb_channels(tmp_path, mode):
     path = tmp_path / f"{mode}.png"
     Image.fromarray(np.array([[0, 255]], np.uint8)).convert(mode).save(path)
-    image = load_image(str(path))
+    image = loaded(path)
     np.testing.assert_allclose(image[0], [[0, 0, 0], [1, 1, 1]])
 
 
@@ -316,7 +334,7 @@ def test_animated_images_use_their_first_frame(tmp_path, suffix, extra):
     first.save(path, save_all=True, append_images=[second], duration=100, loop=0, **extra)
     with Image.open(path) as image:
         assert image.n_frames == 2
-    np.testing.assert_allclose(load_image(str(path))[2, 2], [1, 0, 0], atol=0.02)
+    np.testing.assert_allclose(loaded(path)[2, 2], [1, 0, 0], atol=0.02)
 
 
 # --------------------------------------------------------------------------- load_image: failures
@@ -364,7 +382,7 @@ def test_named_pipe_is_read_like_a_file(tmp_path):
     os.mkfifo(fifo)  # what `diqa score <(curl ...)` hands over
     writer = threading.Thread(target=fifo.write_bytes, args=(png,))
     writer.start()
-    image = load_image(str(fifo))
+    image = loaded(fifo)
     writer.join()
     np.testing.assert_allclose(image[0, 0], [0, 0, 1])
 

@@ -153,7 +153,8 @@ def plan_outputs(items, *, output: str | os.PathLike | None = None, out_dir: str
 class SourceImage:
     """An input as decoded for enhancement.
 
-    ``composite`` is exactly what scoring sees (``imageio.load_image``: RGB over white);
+    ``composite`` is exactly what scoring sees (``imageio.load_image``: RGB over white, uint8
+    for 8-bit sources);
     ``rgb`` is the colour without compositing and ``alpha`` the alpha channel (None when
     opaque), both (H, W[, 3]) float32 in [0, 1]; ``grey_range`` maps 16-bit or float grey back
     to its stored values; ``info`` holds what is carried to the output (ICC profile, EXIF).
@@ -174,20 +175,19 @@ class SourceImage:
 
 def read_source(path: str, *, max_pixels: int | None = None) -> SourceImage:
     """Decode ``path``; raises ``InputError(path, reason)`` exactly as scoring does."""
-    from diqa_cli.imageio import _diqa_limit_replaces_pillows, load_image
+    from diqa_cli.imageio import as_float_rgb, load_image, pillow_pixel_limit
 
     composite = load_image(path, max_pixels=max_pixels)  # every check and error of `diqa score`
     if stat.S_ISFIFO(os.stat(path).st_mode):
         raise InputError(path, "enhance reads its input twice and cannot take a pipe; save the image to a file first")
-    # Read again for what scoring drops (mode, alpha, profile); the pixel limit was checked
-    # above, so Pillow's own check is switched off the same way imageio does it.
-    with _diqa_limit_replaces_pillows(), Image.open(path) as img:
+    # Read again for what scoring drops (mode, alpha, profile), Pillow held to the same pixel limit.
+    with pillow_pixel_limit(max_pixels), Image.open(path) as img:
         img.load()
         mode, info = img.mode, _carried_info(img)
         bits = img.tag_v2.get(258) if hasattr(img, "tag_v2") else None
         img = ImageOps.exif_transpose(img)
         alpha = None
-        rgb = composite
+        rgb = as_float_rgb(composite)
         if mode not in _GREY_HIGH_PRECISION and img.has_transparency_data:
             rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
             rgb, alpha = rgba[..., :3], rgba[..., 3]
