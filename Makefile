@@ -6,7 +6,7 @@ STAMP := $(VENV)/.diqa-installed
 # Tests and the demo never reach a model hub.
 OFFLINE := HF_HUB_OFFLINE=1 DIQA_OFFLINE=1
 
-.PHONY: install test demo bench manifest clean
+.PHONY: install test demo bench fuzz manifest clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ test: install
 
 demo: install
 	$(OFFLINE) $(BIN)/diqa demo
+
+# The decoder fuzz test with a longer budget than `make test` gives it (seconds; FUZZ_SECONDS=N).
+FUZZ_SECONDS ?= 300
+fuzz: install
+	$(OFFLINE) DIQA_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q tests/test_fuzz_decode.py
 
 bench: install
 	$(OFFLINE) $(BIN)/python bench/bench.py
