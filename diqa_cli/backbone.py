@@ -33,6 +33,7 @@ from typing import Any
 from diqa_cli import home
 from diqa_cli.errors import UsageError, WeightsError
 from diqa_cli.files import PICKLE_SUFFIXES, atomic_write, file_sha256, save_safetensors
+from diqa_cli.methods import BACKBONE_CORE
 
 __all__ = [
     "Backbone",
@@ -54,7 +55,6 @@ _LDM_CROSS_ATTN_KEY = _LDM_UNET + "input_blocks.1.1.transformer_blocks.0.attn2.t
 _LDM_CONV_IN_KEY = _LDM_UNET + "input_blocks.0.0.weight"
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # What a manifest backbone needs at start, and what only prompt embedding needs.
-_CORE_PARTS = ("unet", "vae", "scheduler", "model_index.json")
 _TEXT_PARTS = ("text_encoder", "tokenizer")
 # The tokenizer files of openai/clip-vit-large-patch14 (its 1.7 GB weights are not needed for them).
 _TOKENIZER_FILES = (
@@ -280,7 +280,7 @@ def load_backbone(
     torch_device = resolve_device(device) if not isinstance(device, torch.device) else device
     torch_dtype = resolve_dtype(dtype, torch_device) if not isinstance(dtype, torch.dtype) else dtype
     offline = home.offline_requested(offline)
-    source = _locate(str(ref), offline=offline, parts=_CORE_PARTS)
+    source = _locate(str(ref), offline=offline, parts=BACKBONE_CORE)
 
     config_dir = None
     with _quiet_loading():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diqa_cli.errors import UsageError
+from diqa_cli.errors import UsageError, WeightsError
 
 __all__ = ["default_weights_name", "default_checkpoint", "checkpoint_label", "load_scorer"]
 
@@ -16,9 +16,10 @@ __all__ = ["default_weights_name", "default_checkpoint", "checkpoint_label", "lo
 def default_weights_name(spec) -> str:
     """The weights-manifest name of ``spec``'s default head: its first released weights."""
     if not spec.released_weights:
-        raise UsageError(
-            f"method {spec.name!r} has no released weights; pass --checkpoint HEAD.safetensors, "
-            f"or train one with `diqa train --method {spec.name} --data labels.csv`"
+        kind = "score-video" if spec.input_kind == "video" else "score"
+        raise WeightsError(
+            f"method {spec.name!r} has no published head: train one with `diqa train -m {spec.name} --data "
+            f"labels.csv --out {spec.name}.safetensors`, then `diqa {kind} … -c {spec.name}.safetensors`"
         )
     return spec.released_weights[0]
 
@@ -65,6 +66,10 @@ def load_scorer(
     if checkpoint is None:
         if spec is None:
             raise UsageError("name a method (--method) or a head checkpoint (--checkpoint)")
+        default_weights_name(spec)  # a method without a published head says so first
+        from diqa_cli.weights.setup import require_for
+
+        require_for(spec, with_backbone=backbone is None)  # every missing piece in one message
         checkpoint = str(default_checkpoint(spec, offline=offline))
         if not sidecar_path(checkpoint).is_file():  # as published: a bare state dict
             sidecar = released_sidecar(spec, default_weights_name(spec))

@@ -237,8 +237,8 @@ def test_method_without_released_weights_says_how_to_get_a_head(inputs, run_main
     if unreleased is None:
         pytest.skip("every registered image method has released weights")
     code, _, err = run_main(["score", inputs[0], "--method", unreleased])
-    assert code == 2
-    assert "no released weights" in err and "diqa train" in err
+    assert code == 1  # weights missing, as the README's exit-code table says
+    assert "no published head" in err and "diqa train" in err and "-c " in err
 
 
 def test_listing_and_help_never_import_torch(cli_env):

@@ -86,15 +86,43 @@ def _size_text(known: int, complete: bool) -> str:
 
 @weights_app.command("pull")
 def pull_command(
-    names: List[str] = typer.Argument(..., metavar="NAME...", help="manifest entries"),
+    names: Optional[List[str]] = typer.Argument(None, metavar="[NAME...]", help="manifest entries"),
+    methods: Optional[List[str]] = typer.Option(
+        None, "--for", metavar="METHOD",
+        help="set up everything METHOD needs to score (head, backbone parts, CLIP, SlowFast, perceptual trunks): "
+        "listed with sizes and licences, downloaded, converted, verified; repeat for several methods",
+        show_default=False,
+    ),
+    accept_licence: bool = typer.Option(
+        False, "--accept-licence", help="accept non-commercial licences without asking (never assumed in a pipe)"
+    ),
+    print_urls: bool = typer.Option(
+        False, "--print-urls", help="print URL, target path and SHA-256 of every file (tab-separated); download nothing"
+    ),
     offline: bool = typer.Option(False, "--offline", help="never touch the network"),
     force: bool = typer.Option(False, "--force", help="download again even if cached"),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="accept pickle files (convert them afterwards)"
     ),
 ) -> None:
-    """Download entries into the cache, checking each file's SHA-256."""
-    for name in names:
+    """Download entries into the cache, checking each file's SHA-256; `--for METHOD` sets a method up."""
+    from diqa_cli.errors import UsageError
+    from diqa_cli.home import offline_requested
+    from diqa_cli.methods import get_method
+    from diqa_cli.weights import setup
+
+    if not names and not methods:
+        raise UsageError("name manifest entries (`diqa weights list`) or a method with --for METHOD")
+    specs = [get_method(name) for name in methods or []]
+    plan = setup.plan_for(specs) if specs else []
+    if print_urls:
+        plan += [setup.PlannedPart(lib.entry(name), None, [], []) for name in names or []]
+        for url, target, sha256 in setup.origins(plan):
+            typer.echo(f"{url}\t{target}\t{sha256 or '-'}")
+        return
+    if specs:
+        _set_up(specs, plan, accept_licence=accept_licence, offline=offline_requested(offline), force=force)
+    for name in names or []:
         with _progress() as progress:
             path = lib.pull(
                 name,
@@ -105,6 +133,39 @@ def pull_command(
                 notify=_err,
             )
         _err(f"{name}: ready at {path}")
+
+
+def _set_up(specs, plan, *, accept_licence: bool, offline: bool, force: bool) -> None:
+    from diqa_cli.weights import setup
+
+    names = ", ".join(spec.name for spec in specs)
+    _err(f"diqa: {names} need{'s' if len(specs) == 1 else ''}:")
+    for part in plan:
+        known, complete = part.size
+        size = lib.human_size(known) if complete else (f"{lib.human_size(known)}+" if known else "size unknown")
+        what = part.entry.name + (f" ({', '.join(part.parts)})" if part.parts else "")
+        state = {"yes": "cached", "partial": "partly cached", "no": "to download"}[lib.entry_status(part.entry)]
+        _err(f"  {what}  {size}  {part.entry.licence}  [{state}]  {'; '.join(p for p in part.purposes if p)}")
+
+    def accept(part) -> bool:
+        if accept_licence:
+            return True
+        if not sys.stdin.isatty():  # never accepted silently in a pipe
+            return False
+        return typer.confirm(f"{part.entry.name} is {part.entry.licence}. Accept this licence?", default=False, err=True)
+
+    with _progress() as progress:
+        setup.setup(specs, accept=accept, offline=offline, force=force, progress=progress, notify=_err)
+    for spec in specs:
+        if any(need.role == "head" for need in spec.weights):
+            _err(f"diqa: {spec.name} is ready: diqa score PHOTOS... -m {spec.name}")
+        else:
+            kind = "score-video" if spec.input_kind == "video" else "score"
+            _err(
+                f"diqa: {spec.name}'s backbone is ready, but no trained head is published: train one with "
+                f"`diqa train -m {spec.name} --data labels.csv --out {spec.name}.safetensors`, then "
+                f"`diqa {kind} … -m {spec.name} -c {spec.name}.safetensors`"
+            )
 
 
 class _progress:

@@ -20,7 +20,9 @@ __all__ = [
     "COMMANDS",
     "MethodSpec",
     "ScoreNormalisation",
+    "BACKBONE_CORE",
     "TrainingDefaults",
+    "WeightsPart",
     "default_method",
     "get_method",
     "list_methods",
@@ -43,6 +45,22 @@ class TrainingDefaults:
     epochs: int = 10
     grad_clip: float | None = None
     source: str = "diqa's generic default"  # where the numbers come from
+
+
+@dataclass(frozen=True)
+class WeightsPart:
+    """Weights a method needs: a manifest entry, only the ``parts`` (folders or files of the
+    entry) it reads, and what they are for (``diqa weights pull --for`` lists it)."""
+
+    entry: str
+    parts: tuple[str, ...] | None = None
+    purpose: str = ""
+    role: str = "other"  # "head" (not needed with --checkpoint), "backbone" (not with --backbone), "other"
+
+
+# The parts of a diffusers Stable Diffusion folder every backbone load reads; methods that encode
+# prompts with the backbone's own text encoder add "text_encoder" and "tokenizer".
+BACKBONE_CORE = ("unet", "vae", "scheduler", "model_index.json")
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,7 @@ class MethodSpec:
     teacher: str | None = None  # the method this one is distilled from (``diqa distill``)
     init_from: tuple[str, ...] = ()  # other methods whose heads can start this one's training
     default_for: tuple[str, ...] = ()  # commands (``COMMANDS``) that use this method when none is named
+    weights: tuple[WeightsPart, ...] = ()  # what scoring with the released setup reads (`weights pull --for`)
     frames_per_video: int | None = None  # video methods: frames scored per video by default
     training_frames_per_video: int | None = None  # video methods: frames per video in training
     extra: dict = field(default_factory=dict)  # descriptive only (shown by ``diqa methods``)

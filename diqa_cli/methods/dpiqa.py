@@ -1,6 +1,6 @@
 """DP-IQA teacher: Stable Diffusion 1.5 U-Net features guided by 1485 quality prompts."""
 
-from diqa_cli.methods import MethodSpec, ScoreNormalisation, TrainingDefaults, register_method
+from diqa_cli.methods import BACKBONE_CORE, MethodSpec, ScoreNormalisation, TrainingDefaults, WeightsPart, register_method
 
 _PAPER = (
     "Fu et al., DP-IQA: Utilizing Diffusion Prior for Blind Image Quality Assessment in the Wild, "
@@ -44,6 +44,11 @@ SPEC = register_method(
         feature_layers=("up.0", "up.1", "up.2", "up.3"),
         training=TrainingDefaults(1e-5, 0.0, 16, 30, None, "DP-IQA train_dpiqa.py / build.py: Adam 1e-5, batch 16, 30 epochs"),
         default_for=("score",),
+        weights=(
+            WeightsPart("dpiqa-koniq", purpose="released head (KonIQ-10k)", role="head"),
+            WeightsPart("sd15", BACKBONE_CORE, purpose="backbone (VAE and U-Net)", role="backbone"),
+            WeightsPart("clip-vit-large-patch14", purpose="the 1485 prompt features (computed once, then cached)"),
+        ),
         extra={
             "prompts": "1485 = 5 qualities x 9 scenes x 33 distortions, 'a photo of a {scene} with "
             "{distortion} artifacts, which is of {quality} quality'",

@@ -1,6 +1,6 @@
 """DP-IQA student: an EfficientNet-B7 distilled from the DP-IQA teacher's feature map and score."""
 
-from diqa_cli.methods import MethodSpec, ScoreNormalisation, TrainingDefaults, register_method
+from diqa_cli.methods import MethodSpec, ScoreNormalisation, TrainingDefaults, WeightsPart, register_method
 
 _PAPER = (
     "Fu et al., DP-IQA: Utilizing Diffusion Prior for Blind Image Quality Assessment in the Wild, "
@@ -38,6 +38,7 @@ SPEC = register_method(
         # Released heads regress the training label divided by 100; scale 100 reports that label.
         released_normalisation=ScoreNormalisation(0.0, 100.0),
         needs_backbone=False,
+        weights=(WeightsPart("dpiqa-student-koniq", purpose="released head (KonIQ-10k)", role="head"),),
         teacher="dpiqa",
         training=TrainingDefaults(1e-4, 0.0, 24, 30, None, "DP-IQA train_student.py: Adam 1e-4, batch 24, 30 epochs"),
         extra={

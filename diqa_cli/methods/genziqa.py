@@ -1,6 +1,6 @@
 """GenzIQA: prompt-guided cross-attention of Stable Diffusion 2.1-base as a quality measure."""
 
-from diqa_cli.methods import MethodSpec, TrainingDefaults, register_method
+from diqa_cli.methods import BACKBONE_CORE, MethodSpec, TrainingDefaults, WeightsPart, register_method
 
 GENZIQA_TIMESTEPS = (9, 21, 33, 45, 57, 69, 81, 93)
 
@@ -42,6 +42,12 @@ SPEC = register_method(
             "N(0,1/r), up 0, scale 1)",
         ),
         draws_noise=True,
+        weights=(
+            WeightsPart(
+                "sd21-base", (*BACKBONE_CORE, "text_encoder", "tokenizer"),
+                purpose="backbone, with its text encoder for the learned prompts", role="backbone",
+            ),
+        ),
         training=TrainingDefaults(1e-4, 1e-2, 16, 10, 1.0, "GenzIQA: AdamW 1e-4, wd 1e-2, grad-clip 1.0, batch 16, 10 epochs"),
         extra={
             "prompts": ["Good Photo.", "Bad Photo."],

@@ -1,7 +1,7 @@
 """GenzVQA: GenzIQA's prompt-guided cross-attention scores over video frames, modulated per layer
 by SlowFast motion features."""
 
-from diqa_cli.methods import MethodSpec, TrainingDefaults, register_method
+from diqa_cli.methods import BACKBONE_CORE, MethodSpec, TrainingDefaults, WeightsPart, register_method
 
 GENZVQA_TIMESTEPS = (9, 34, 59, 84)
 
@@ -50,6 +50,13 @@ SPEC = register_method(
             "N(0,1/r), up 0, scale 1)",
         ),
         draws_noise=True,
+        weights=(
+            WeightsPart(
+                "sd21-base", (*BACKBONE_CORE, "text_encoder", "tokenizer"),
+                purpose="backbone, with its text encoder for the learned prompts", role="backbone",
+            ),
+            WeightsPart("slowfast-r50-k400", purpose="SlowFast R50 features for the temporal modulator"),
+        ),
         training=TrainingDefaults(1e-4, 1e-2, 16, 6, 1.0, "GenzVQA: AdamW 1e-4, wd 1e-2, grad-clip 1.0, batch 16, 6 epochs"),
         init_from=("genziqa",),  # the released recipe: prompts and LoRA from a GenzIQA head
         default_for=("score-video",),

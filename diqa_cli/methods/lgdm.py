@@ -4,7 +4,7 @@ No code was released for this paper: diqa's implementation is a reconstruction f
 and Figure 1 (see diqa_cli/models/lgdm.py for every choice it makes).
 """
 
-from diqa_cli.methods import MethodSpec, TrainingDefaults, register_method
+from diqa_cli.methods import BACKBONE_CORE, MethodSpec, TrainingDefaults, WeightsPart, register_method
 
 LGDM_TIMESTEPS = (100, 75, 50, 25)
 LGDM_LAYERS = ("down.1", "down.2", "mid", "up.0", "up.1", "up.2", "up.3")
@@ -47,6 +47,11 @@ SPEC = register_method(
             "gradients with respect to the pixels treat each guidance direction as a constant (no second-order terms)",
         ),
         draws_noise=True,
+        weights=(
+            WeightsPart("sd15", BACKBONE_CORE, purpose="backbone", role="backbone"),
+            WeightsPart("vgg16-imagenet", purpose="VGG16 trunk of LPIPS-VGG and DISTS (perceptual guidance)"),
+            WeightsPart("dists", purpose="DISTS alpha/beta weights (perceptual guidance)"),
+        ),
         feature_layers=LGDM_LAYERS,
         # No released code: diqa's choice for a small regressor on frozen hyperfeatures.
         training=TrainingDefaults(1e-3, 1e-4, 32, 50, 1.0, "diqa's choice (LGDM has no released code)"),

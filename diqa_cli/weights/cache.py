@@ -228,20 +228,25 @@ def entry_status(e: Entry) -> str:
 class VerifyResult:
     name: str
     path: str  # relative to the entry folder
-    status: str  # ok | ok-unpinned | recorded | mismatch | missing
+    # ok | ok-unpinned | not-pulled (a part no method read; fine) | unverified (no hash to compare
+    # with: verify never creates trust) | mismatch | missing (a file of an entry named to verify)
+    status: str
     expected: str | None = None
     actual: str | None = None
     message: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.status in ("ok", "ok-unpinned", "recorded")
+        return self.status in ("ok", "ok-unpinned", "not-pulled")
 
 
 def verify(names: Iterable[str] | None = None) -> list[VerifyResult]:
     """Hash every cached file again and compare with the manifest, or with the lock record.
 
-    With no names, entries with nothing cached are skipped; a named entry reports missing files.
+    With no names, entries with nothing cached are skipped and the files of a partly pulled entry
+    that were never pulled are ``not-pulled``; a named entry reports missing files. A file with no
+    hash to compare with (not pinned upstream, none recorded on download) is ``unverified``, not ok:
+    verification never records a hash itself.
     """
     explicit = names is not None
     entries = [entry(n) for n in names] if explicit else list_entries()
@@ -253,14 +258,14 @@ def verify(names: Iterable[str] | None = None) -> list[VerifyResult]:
             if not explicit and entry_status(e) == "no":
                 continue
             for f in e.files:
-                results.extend(_verify_file(e, f, lock, updates))
+                results.extend(_verify_file(e, f, lock, updates, explicit=explicit))
     finally:
         if updates:
             _update_lock(updates)
     return results
 
 
-def _verify_file(e: Entry, f: WeightFile, lock: dict, updates: dict) -> list[VerifyResult]:
+def _verify_file(e: Entry, f: WeightFile, lock: dict, updates: dict, *, explicit: bool) -> list[VerifyResult]:
     raw = e.local_dir / f.path
     converted = e.local_dir / f.converted_path if f.is_pickle else None
     targets: list[tuple[str, Path, str | None, str | None]] = []
@@ -269,6 +274,8 @@ def _verify_file(e: Entry, f: WeightFile, lock: dict, updates: dict) -> list[Ver
     if converted is not None and converted.is_file():
         targets.append((f.converted_path, converted, _note_sha(converted), None))
     if not targets:
+        if not explicit:
+            return [VerifyResult(e.name, f.path, "not-pulled", f.sha256, None, "not pulled (no method set up reads it)")]
         message = _missing_message(e, f, offline=False)
         return [VerifyResult(e.name, f.path, "missing", f.sha256, None, message)]
     results = []
@@ -277,7 +284,7 @@ def _verify_file(e: Entry, f: WeightFile, lock: dict, updates: dict) -> list[Ver
             _key(e, rel), path, pinned=pinned, prefix=prefix, lock=lock, rehash=True,
             origin=_file_origin(e, f),
         )
-        if check.lock_update:
+        if check.lock_update and check.status != "recorded":
             updates[_key(e, rel)] = check.lock_update
         if check.status == "mismatch":
             message = f"SHA-256 mismatch: expected {check.expected}, got {check.actual}"
@@ -292,8 +299,12 @@ def _verify_file(e: Entry, f: WeightFile, lock: dict, updates: dict) -> list[Ver
                 "matches the hash recorded on first download "
                 f"(not pinned upstream: {f.sha256_note})"
             )
-        else:
-            message = f"hash recorded now (not pinned upstream: {f.sha256_note})"
+        else:  # nothing to compare with; verifying must not make the file trusted
+            check.status = "unverified"
+            message = (
+                f"no hash to compare with (not pinned upstream: {f.sha256_note}; `diqa weights pull "
+                f"{e.name} --force` downloads it again and records one)"
+            )
         results.append(
             VerifyResult(e.name, rel, check.status, check.expected, check.actual, message)
         )
