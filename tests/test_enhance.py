@@ -268,8 +268,12 @@ def test_output_plans(tmp_path):
         plan_outputs(items[:2], output=tmp_path / "one.png")
     with pytest.raises(UsageError, match="cannot write images with the extension '.xyz'"):
         plan_outputs(items[:1], output=tmp_path / "one.xyz")
-    with pytest.raises(UsageError, match="-o OUT.png"):
-        plan_outputs(items[:1])
+    beside = plan_outputs(items[:2])  # neither -o nor --out-dir: beside each input, never over it
+    assert [p.output for p in beside] == [str(tmp_path / "a" / "x.enhanced.png"), str(tmp_path / "b" / "x.enhanced.png")]
+    (tmp_path / "a" / "x.enhanced.png").write_bytes(b"an earlier result")
+    assert "exists; pass --overwrite" in plan_outputs(items[:1])[0].error
+    with pytest.raises(UsageError, match="give one of them"):
+        plan_outputs(items[:1], output=tmp_path / "one.png", out_dir=tmp_path / "out")
 
 
 def test_cli_keeps_size_and_mode_and_reports(run_main, dpiqa_head, photos, tmp_path):

@@ -29,7 +29,7 @@ def enhance(
     ),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", show_default=False,
-        help="Output image of a single input (format from its extension).",
+        help="Output image of a single input (format from its extension). Default: <stem>.enhanced<ext> beside each input.",
     ),
     out_dir: Optional[Path] = typer.Option(
         None, "--out-dir", show_default=False,

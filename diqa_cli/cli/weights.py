@@ -34,7 +34,7 @@ def _err(message: str) -> None:
 @weights_app.command("list")
 def list_command(
     fmt: Optional[str] = typer.Option(
-        None, "--format", help="table|csv|json (default: table on a terminal, csv in a pipe)"
+        None, "--format", "-f", help="table|csv|json (default: table on a terminal, csv in a pipe)"
     ),
 ) -> None:
     """List the manifest's entries: kind, licence, whether cached, size."""

@@ -8,6 +8,8 @@ The pieces, one concern each:
                                    to the input's size and colour mode, the atomic write.
 
 Outputs
+  Without ``-o`` or ``--out-dir``, each result is written beside its input as
+  ``<stem>.enhanced<ext>`` (``photo.jpg`` -> ``photo.enhanced.jpg``), never over the input.
   ``-o PATH`` names the output of a single input. ``--out-dir DIR`` takes several inputs; each is
   written as ``DIR/<input file name>``, and when inputs from different folders share a file name
   the later ones become ``<stem>-2<ext>``, ``<stem>-3<ext>``… in input order. The format follows
@@ -110,11 +112,22 @@ def plan_outputs(items, *, output: str | os.PathLike | None = None, out_dir: str
 
     ``items`` are :class:`diqa_cli.imageio.InputItem`. With ``output`` (``-o``) there must be
     exactly one input and every problem with the output is a :class:`UsageError`; with
-    ``out_dir`` a problem is that input's error, and the other inputs go on.
+    ``out_dir``, or with neither (results beside their inputs), a problem is that input's error,
+    and the other inputs go on.
     """
     items = list(items)
-    if (output is None) == (out_dir is None):
-        raise UsageError("name where results go: -o OUT.png for one input, or --out-dir DIR for several")
+    if output is not None and out_dir is not None:
+        raise UsageError("-o names one output and --out-dir a folder for several; give one of them")
+    if output is None and out_dir is None:
+        plans = []
+        for item in items:
+            if item.error is not None:
+                plans.append(OutputPlan(item.path, None, item.error))
+                continue
+            source = Path(item.path)
+            target = source.with_name(f"{source.stem}.enhanced{source.suffix}")
+            plans.append(OutputPlan(item.path, str(target), _output_problem(item.path, target, overwrite)))
+        return plans
     if output is not None:
         if len(items) != 1:
             raise UsageError(f"-o names one output but there are {len(items)} inputs; use --out-dir DIR")
