@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ from diqa_cli import home
 from diqa_cli.errors import UsageError, WeightsError
 from diqa_cli.files import PICKLE_SUFFIXES, atomic_write, file_sha256, save_safetensors
 from diqa_cli.methods import BACKBONE_CORE
+
+# Stage messages for slow steps; the CLI shows them on stderr (``-q`` hides, ``-v`` adds detail).
+log = logging.getLogger("diqa")
 
 __all__ = [
     "Backbone",
@@ -204,6 +208,7 @@ class Backbone:
             path = home.subdir("embeddings") / f"{key}.safetensors"
             cached = _read_cached(path)
             if cached is None:
+                log.info("embedding %d prompts with %s's text encoder (first use only; cached)", len(prompts), self.ref)
                 # Not kept: the encoder lives only long enough to embed the prompts.
                 tokenizer, encoder = self._text or self._load_text_encoder()
                 cached = _embed(tokenizer, encoder, prompts, self.device, pooled=False)
@@ -281,6 +286,8 @@ def load_backbone(
     torch_dtype = resolve_dtype(dtype, torch_device) if not isinstance(dtype, torch.dtype) else dtype
     offline = home.offline_requested(offline)
     source = _locate(str(ref), offline=offline, parts=BACKBONE_CORE)
+    log.info("loading backbone %s (%s, %s on %s)", ref, _size_on_disk(source), str(torch_dtype).replace("torch.", ""),
+             torch_device)
 
     config_dir = None
     with _quiet_loading():
@@ -561,6 +568,14 @@ def _cache_key(kind: str, identity: str, prompts: list[str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+def _size_on_disk(source: Path) -> str:
+    """The weights' size, for the loading message (a folder: its safetensors and pickle files)."""
+    from diqa_cli.weights import human_size
+
+    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.suffix in (".safetensors", *PICKLE_SUFFIXES)]
+    return human_size(sum(p.stat().st_size for p in files if p.is_file()))
+
+
 def _read_cached(path: Path):
     if not path.exists():
         return None
@@ -621,6 +636,8 @@ def clip_text_features(ref: str, prompts, *, device="cpu", offline: bool = False
     if cached is None:
         from transformers import CLIPTextModelWithProjection
 
+        log.info("computing %d prompt features with CLIP %s (first use only; cached under %s)", len(prompts), ref,
+                 path.parent)
         with _quiet_loading():
             encoder = _from_pretrained(CLIPTextModelWithProjection, folder, "", torch.float32, False)
             tokenizer = _load_tokenizer(folder, pad_token=None)

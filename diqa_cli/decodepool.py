@@ -73,7 +73,7 @@ from multiprocessing.connection import wait
 
 import numpy as np
 
-from diqa_cli.errors import DiqaError, UsageError
+from diqa_cli.errors import DiqaError, UsageError, one_line
 
 __all__ = [
     "DEBUG_ENV",
@@ -229,9 +229,9 @@ def _serve(task_fd: int, answer_fd: int, memory_mb: int) -> None:
         except MemoryError:
             answer = _answer_error(f"decoder ran out of memory (limit {memory_mb} MiB)")
         except Image.DecompressionBombWarning as exc:
-            answer = _answer_error(f"too many pixels: {imageio._one_line(exc)}")
+            answer = _answer_error(f"too many pixels: {one_line(exc)}")
         except Exception as exc:  # a bug, not the file: say what it was
-            answer = _answer_error(f"decoder failed: {type(exc).__name__}: {imageio._one_line(exc)}")
+            answer = _answer_error(f"decoder failed: {type(exc).__name__}: {one_line(exc)}")
         try:
             answers.write(answer)
             answers.flush()

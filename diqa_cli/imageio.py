@@ -94,7 +94,7 @@ from typing import TextIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diqa_cli.errors import InputError, UsageError
+from diqa_cli.errors import InputError, UsageError, one_line
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -381,15 +381,15 @@ def _load(path: str, limit: int) -> np.ndarray:
         except _OverLimit as exc:  # the image, or a frame, tile or subimage a loader checked
             raise InputError(path, _too_many_pixels(str(exc))) from None
         except Image.DecompressionBombError as exc:  # Pillow's own check (a path diqa missed)
-            raise InputError(path, f"too many pixels: {_one_line(exc)}") from None
+            raise InputError(path, f"too many pixels: {one_line(exc)}") from None
         except OSError as exc:
             if "truncated" in str(exc):
                 raise InputError(path, "truncated image data") from None
-            raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
+            raise InputError(path, f"corrupt image data: {one_line(exc)}") from None
         except MemoryError:
             raise  # the caller knows the memory ceiling (see decodepool); not the file's fault alone
         except Exception as exc:  # loaders report damage as SyntaxError, struct.error, ...
-            raise InputError(path, f"corrupt image data: {_one_line(exc)}") from None
+            raise InputError(path, f"corrupt image data: {one_line(exc)}") from None
         return _to_rgb(img, bits, path)
 
 
@@ -463,7 +463,7 @@ def _to_rgb(img: Image.Image, tiff_bits: int | None, path: str) -> np.ndarray:
             else:
                 rgb = img if mode == "RGB" else img.convert("RGB")
         except ValueError as exc:  # a mode Pillow cannot convert (e.g. premultiplied "La")
-            raise InputError(path, f"unsupported colour mode {mode}: {_one_line(exc)}") from None
+            raise InputError(path, f"unsupported colour mode {mode}: {one_line(exc)}") from None
         return np.asarray(rgb)
     return np.repeat(gray[..., None], 3, axis=2)
 
@@ -471,11 +471,6 @@ def _to_rgb(img: Image.Image, tiff_bits: int | None, path: str) -> np.ndarray:
 def _min_max(values: np.ndarray) -> np.ndarray:
     low, high = values.min(), values.max()
     return ((values - low) / (high - low)).astype(np.float32)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- model input

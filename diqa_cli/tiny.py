@@ -14,6 +14,7 @@ loading and feature code offline.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 TINY_CONFIG_DIR = Path(__file__).parent / "configs" / "tiny"
@@ -144,6 +145,9 @@ def write_tiny_bundle(directory) -> Path:
     from diqa_cli.models.base import BatchNormCalibration, TinyAssets
     from diqa_cli.synthetic import reference_photos
 
+    logging.getLogger("diqa").info(
+        "building tiny random models in %s (real classes at toy size, random weights: not a quality model)", directory
+    )
     root = write_tiny_backbone(directory)
     backbone = load_backbone(str(root / "backbone"), device="cpu", dtype="fp32", offline=True)
     heads = root / "heads"

@@ -208,7 +208,9 @@ def test_video_score_shapes_determinism_and_frame_batching(genzvqa, video_input)
     assert result.layer_scores.shape == (layers,) and result.similarities.shape == (layers, 2)
     assert torch.isfinite(result.score) and torch.equal(result.score, again)
     torch.testing.assert_close(result.frame_scores.mean(), result.score)  # the video score is the frames' mean
-    torch.testing.assert_close(batched.score, result.score, atol=1e-5, rtol=1e-5)
+    # float32 sums in another order (batches of 3 and 1 instead of 4): 1.3e-5 relative was seen once
+    # the frames became the exact 8-bit resize's; a batching bug would move it by 1e-2 or more.
+    torch.testing.assert_close(batched.score, result.score, atol=1e-5, rtol=1e-4)
     assert result.frame_scores.std() > 0  # different frames, different scores
 
 

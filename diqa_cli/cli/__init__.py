@@ -26,7 +26,7 @@ app = typer.Typer(
     name="diqa",
     help="Score image and video quality with latent-diffusion priors, and enhance images.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -47,8 +47,18 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and warnings on stderr (no stage messages, no progress bar)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail on stderr."),
+    debug: bool = typer.Option(
+        False, "--debug", help="Everything on stderr: full tracebacks, decoders' own messages, detail."
+    ),
 ) -> None:
     """Score image and video quality with latent-diffusion priors, and enhance images."""
+    from diqa_cli.cli import _terminal
+
+    if quiet and (verbose or debug):
+        raise typer.BadParameter("--quiet cannot go with --verbose or --debug")
+    _terminal.set_volume("quiet" if quiet else "debug" if debug else "verbose" if verbose else "normal")
 
 
 # One module per command group; each adds its commands to ``app``.
@@ -118,6 +128,12 @@ def main() -> None:
         print("diqa: aborted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except DiqaError as exc:
+        from diqa_cli.cli._terminal import volume
+
+        if volume() == "debug":
+            import traceback
+
+            traceback.print_exc()
         print(f"diqa: error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:

@@ -4,8 +4,45 @@ kept out of the way of the data on stdout."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
+
+_VOLUMES = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG, "debug": logging.DEBUG}
+_volume = "normal"
+
+
+def set_volume(name: str) -> None:
+    """How much goes to stderr: the library's ``diqa`` log at the level of ``name``, as
+    ``diqa: message`` lines; ``debug`` also lets decoder processes' own messages through."""
+    global _volume
+    _volume = name
+    logger = logging.getLogger("diqa")
+    logger.setLevel(_VOLUMES[name])
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("diqa: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    if name == "debug":
+        os.environ["DIQA_DEBUG"] = "1"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each message (a plain StreamHandler keeps the stream
+    it was created with)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def volume() -> str:
+    return _volume
 
 
 def same_terminal() -> bool:
@@ -22,8 +59,8 @@ def same_terminal() -> bool:
 
 @contextlib.contextmanager
 def progress_bar(total: int):
-    """A rich progress bar on stderr while it is a terminal, else nothing (``None``)."""
-    if not sys.stderr.isatty():
+    """A rich progress bar on stderr while it is a terminal (and not ``--quiet``), else nothing (``None``)."""
+    if not sys.stderr.isatty() or _volume == "quiet":
         yield None
         return
     from rich.console import Console
