@@ -311,25 +311,44 @@ class ScoreStore:
         found = cursor.fetchone()
         return self._row(found) if found is not None else None
 
-    def rows(self, *, method: str | None = None) -> Iterator[dict]:
-        """Every stored row (all settings), by path then method."""
-        where, args = ("WHERE method = ?", (method,)) if method else ("", ())
-        for found in self.db.execute(f"SELECT * FROM scores {where} ORDER BY path, method, scored_at", args):
+    @staticmethod
+    def _selection(method: str | None, checkpoint: str | None) -> tuple[str, list[Any]]:
+        """SQL condition for a method and a head (``checkpoint``: a SHA-256 or a prefix of one)."""
+        conditions, args = [], []
+        if method:
+            conditions.append("method = ?")
+            args.append(method)
+        if checkpoint:
+            conditions.append("checkpoint_sha256 LIKE ?")
+            args.append(checkpoint.lower() + "%")
+        return (" AND ".join(conditions) or "1"), args
+
+    def rows(self, *, method: str | None = None, checkpoint: str | None = None) -> Iterator[dict]:
+        """Every stored row of the selection (all settings), by path then method."""
+        where, args = self._selection(method, checkpoint)
+        for found in self.db.execute(f"SELECT * FROM scores WHERE {where} ORDER BY path, method, scored_at", args):
             yield self._row(found)
 
     def methods(self) -> list[str]:
         return [m for (m,) in self.db.execute("SELECT DISTINCT method FROM scores ORDER BY method")]
 
-    def best(self, *, method: str, min_score: float | None = None, max_score: float | None = None) -> list[dict]:
-        """The latest ``ok`` result of each path for ``method`` whose score lies in
-        [min_score, max_score], best first."""
-        query = """
+    def heads(self, *, method: str | None = None, checkpoint: str | None = None) -> list[tuple[str, str]]:
+        """The (method, checkpoint SHA-256) pairs of the selection: each is one score scale."""
+        where, args = self._selection(method, checkpoint)
+        query = f"SELECT DISTINCT method, checkpoint_sha256 FROM scores WHERE {where} ORDER BY method, checkpoint_sha256"
+        return [(m, c) for m, c in self.db.execute(query, args)]
+
+    def best(self, *, method: str, checkpoint: str | None = None, min_score: float | None = None,
+             max_score: float | None = None) -> list[dict]:
+        """The latest ``ok`` result of each path for ``method`` (and head ``checkpoint``, a SHA-256
+        prefix) whose score lies in [min_score, max_score], best first."""
+        where, args = self._selection(method, checkpoint)
+        query = f"""
             SELECT * FROM (
                 SELECT *, ROW_NUMBER() OVER (PARTITION BY path ORDER BY scored_at DESC, id DESC) AS latest
-                FROM scores WHERE method = ? AND status = 'ok'
+                FROM scores WHERE {where} AND status = 'ok'
             ) WHERE latest = 1
         """
-        args: list[Any] = [method]
         if min_score is not None:
             query += " AND score >= ?"
             args.append(min_score)
@@ -339,21 +358,28 @@ class ScoreStore:
         query += " ORDER BY score DESC, path"
         return [self._row(found) for found in self.db.execute(query, args)]
 
-    def stats(self) -> dict[str, Any]:
-        """Counts, the score distribution per method, and failures by reason."""
+    def stats(self, *, method: str | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+        """Counts, the score distribution per head (method and checkpoint: one scale each), and
+        failures by reason, for the selection."""
         import statistics
 
         db = self.db
+        where, args = self._selection(method, checkpoint)
         total, ok, failed, paths = db.execute(
-            "SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), COUNT(DISTINCT path) FROM scores"
+            f"SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), COUNT(DISTINCT path) FROM scores WHERE {where}",
+            args,
         ).fetchone()
         per_method = []
-        for method in self.methods():
+        for head_method, head_checkpoint in self.heads(method=method, checkpoint=checkpoint):
+            head = (head_method, head_checkpoint)
             scores = [s for (s,) in db.execute(
-                "SELECT score FROM scores WHERE method = ? AND status = 'ok' ORDER BY score", (method,)
+                "SELECT score FROM scores WHERE method = ? AND checkpoint_sha256 = ? AND status = 'ok' ORDER BY score", head
             )]
-            errors = db.execute("SELECT COUNT(*) FROM scores WHERE method = ? AND status = 'error'", (method,)).fetchone()[0]
-            entry: dict[str, Any] = {"method": method, "ok": len(scores), "errors": errors}
+            errors = db.execute(
+                "SELECT COUNT(*) FROM scores WHERE method = ? AND checkpoint_sha256 = ? AND status = 'error'", head
+            ).fetchone()[0]
+            entry: dict[str, Any] = {"method": head_method, "checkpoint_sha256": head_checkpoint, "ok": len(scores),
+                                     "errors": errors}
             if scores:
                 quartiles = statistics.quantiles(scores, n=4, method="inclusive") if len(scores) > 1 else [scores[0]] * 3
                 entry.update(
@@ -364,7 +390,9 @@ class ScoreStore:
         failures = [
             {"error": error, "count": count}
             for error, count in db.execute(
-                "SELECT error, COUNT(*) AS n FROM scores WHERE status = 'error' GROUP BY error ORDER BY n DESC, error"
+                f"SELECT error, COUNT(*) AS n FROM scores WHERE {where} AND status = 'error' GROUP BY error "
+                "ORDER BY n DESC, error",
+                args,
             )
         ]
         return {

@@ -367,3 +367,33 @@ def test_filter_print0_gives_back_names_that_are_not_utf8(tmp_path):
     result = subprocess.run([DIQA, "filter", str(db), "--print0"], capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == os.fsencode(str(path)) + b"\0"
+
+
+def test_selections_by_head_and_a_warning_when_they_mix_scales(ranked_db, tmp_path, run_main):
+    """Two dpiqa heads (checkpoints) score on two scales: show, stats and filter take --checkpoint
+    (a SHA-256 prefix or the head file) and warn when what they print mixes heads."""
+    from diqa_cli.files import file_sha256
+
+    db, files = ranked_db
+    code, out, err = run_main(["filter", str(db), "-m", "dpiqa", "--min-score", "0.6"])
+    assert code == 0 and "2 heads" in err and "--checkpoint" in err  # still the latest score of each file
+
+    code, out, err = run_main(["filter", str(db), "-m", "dpiqa", "-c", "ffffff", "--min-score", "0.6"])
+    assert code == 0 and err == "" and out.splitlines() == [files["x/c.jpg"]]
+    code, out, err = run_main(["filter", str(db), "-m", "dpiqa", "-c", "0" * 12])
+    assert code == 2 and "no dpiqa scores of checkpoint 000000000000" in err
+
+    head = tmp_path / "head.safetensors"
+    head.write_bytes(b"a head")
+    code, _, err = run_main(["db", "show", str(db), "-c", str(head), "-f", "csv"])
+    assert code == 0 and file_sha256(head)[:12] not in err  # nothing stored for it: no rows, no mix
+    code, out, err = run_main(["db", "show", str(db), "-m", "dpiqa", "-f", "csv"])
+    assert "2 heads" in err and len(out.splitlines()) == 1 + 6  # x/c.jpg has a row under each head
+
+    code, out, _ = run_main(["db", "stats", str(db), "-f", "json"])
+    heads = [(h["method"], h["checkpoint_sha256"][:6]) for h in json.loads(out)["methods"]]
+    assert ("dpiqa", "ffffff") in heads and len(heads) == 3
+    code, out, _ = run_main(["db", "stats", str(db), "-m", "dpiqa", "-c", "ffffff", "-f", "json"])
+    assert [h["ok"] for h in json.loads(out)["methods"]] == [1]
+    code, _, err = run_main(["db", "show", str(db), "-c", "not-a-sha"])
+    assert code == 2 and "--checkpoint" in err

@@ -40,6 +40,37 @@ def _open(db: Path):
     return open_store(db, create=False)
 
 
+_CHECKPOINT_HELP = (
+    "Only scores of this head: its .safetensors file, its SHA-256 or a prefix of it "
+    "(`diqa db stats` shows them). Different heads score on different scales."
+)
+
+
+def _checkpoint_sha(value: str | None) -> str | None:
+    """A --checkpoint value as the SHA-256 (or prefix) the store records."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        from diqa_cli.files import file_sha256
+
+        return file_sha256(value)
+    text = value.lower()
+    if len(text) >= 6 and all(c in "0123456789abcdef" for c in text):
+        return text
+    raise UsageError(f"--checkpoint {value!r} is neither a head file nor a SHA-256 (prefix of 6+ hex digits)")
+
+
+def _warn_if_mixed(store, method: str | None, checkpoint: str | None) -> None:
+    heads = store.heads(method=method, checkpoint=checkpoint)
+    if len(heads) > 1:
+        listed = ", ".join(f"{m} {c[:12]}" for m, c in heads)
+        typer.echo(
+            f"diqa: warning: these scores come from {len(heads)} heads ({listed}), whose scales differ; "
+            "choose one with --method and --checkpoint",
+            err=True,
+        )
+
+
 @db_app.command("show")
 def show_command(
     db: Path = typer.Argument(..., metavar="DB", help="The score database (diqa score --db FILE)."),
@@ -49,6 +80,7 @@ def show_command(
         show_default=False,
     ),
     method: str | None = typer.Option(None, "--method", "-m", help="Only this method's rows.", show_default=False),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", "-c", help=_CHECKPOINT_HELP, show_default=False),
 ) -> None:
     """Print every stored row: one per file and settings (method, checkpoint, backbone, seed,
     resolution, dtype, diqa version)."""
@@ -57,8 +89,10 @@ def show_command(
     fmt = fmt or default_format(sys.stdout)
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    checkpoint = _checkpoint_sha(checkpoint)
     with _open(db) as store:
-        rows = list(store.rows(method=method))
+        _warn_if_mixed(store, method, checkpoint)
+        rows = list(store.rows(method=method, checkpoint=checkpoint))
         columns = _TABLE_COLUMNS if fmt == "table" else STORE_COLUMNS
         width = max((len(r["path"]) for r in rows), default=4)
         with open_writer(fmt, sys.stdout, columns=columns, path_width=width) as writer:
@@ -70,12 +104,15 @@ def show_command(
 def stats_command(
     db: Path = typer.Argument(..., metavar="DB", help="The score database (diqa score --db FILE)."),
     fmt: str = typer.Option("table", "--format", "-f", help="table or json."),
+    method: str | None = typer.Option(None, "--method", "-m", help="Only this method's rows.", show_default=False),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", "-c", help=_CHECKPOINT_HELP, show_default=False),
 ) -> None:
-    """Counts, the score distribution of each method, and failures by reason."""
+    """Counts, the score distribution of each head (method and checkpoint: one scale each), and
+    failures by reason."""
     if fmt not in ("table", "json"):
         raise UsageError(f"--format {fmt!r} is not one of table, json")
     with _open(db) as store:
-        stats = store.stats()
+        stats = store.stats(method=method, checkpoint=_checkpoint_sha(checkpoint))
     if fmt == "json":
         sys.stdout.write(json.dumps(stats, indent=2) + "\n")
         return
@@ -89,11 +126,11 @@ def stats_command(
         f"{stats['ok']} ok, {stats['errors']} failed"
     )
     if stats["methods"]:
-        # One column per method (there are few), one line per statistic: fits 80 columns.
-        table = Table(title="scores per method", title_justify="left", box=box.SIMPLE)
+        # One column per head (there are few), one line per statistic: fits 80 columns.
+        table = Table(title="scores per head (method, checkpoint)", title_justify="left", box=box.SIMPLE)
         table.add_column("")
         for entry in stats["methods"]:
-            table.add_column(entry["method"], justify="right")
+            table.add_column(f"{entry['method']}\n{entry['checkpoint_sha256'][:12]}", justify="right")
         for name in ("ok", "errors", "min", "q1", "median", "q3", "max", "mean", "std"):
             values = [entry.get(name) for entry in stats["methods"]]
             table.add_row(name, *("" if v is None else str(v) if isinstance(v, int) else f"{v:.6g}" for v in values))
@@ -116,6 +153,7 @@ def filter_command(
         help="Whose scores to compare (required when the database holds several methods).",
         show_default=False,
     ),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", "-c", help=_CHECKPOINT_HELP, show_default=False),
     copy_to: Path | None = typer.Option(
         None, "--copy-to", help="Copy the files into this folder instead of printing their paths.", show_default=False
     ),
@@ -141,7 +179,12 @@ def filter_command(
             method = methods[0] if methods else None
         elif method not in methods:
             raise UsageError(f"{db} holds no scores of method {method!r}; it has {', '.join(methods) or 'none'}")
-        chosen = store.best(method=method, min_score=min_score, max_score=max_score) if method else []
+        checkpoint = _checkpoint_sha(checkpoint)
+        if method and checkpoint and not store.heads(method=method, checkpoint=checkpoint):
+            raise UsageError(f"{db} holds no {method} scores of checkpoint {checkpoint[:12]}")
+        if method:
+            _warn_if_mixed(store, method, checkpoint)
+        chosen = store.best(method=method, checkpoint=checkpoint, min_score=min_score, max_score=max_score) if method else []
     paths = [row["path"] for row in chosen]
     if copy_to is None:
         out = sys.stdout.buffer
