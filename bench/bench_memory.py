@@ -78,7 +78,7 @@ def measure(head: str, setting: str) -> dict:
     loaded = time.perf_counter() - started
     with torch.no_grad():
         score = float(model.eval()(torch.rand(1, 3, model.resolution, model.resolution, generator=torch.Generator().manual_seed(0)))[0])
-    unets = 1 + (model.backbone.unet is not None)
+    unets = 1 + (not next(model.backbone.unet.parameters()).is_meta)
     return {"setting": setting, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "unets_held": unets, "load_s": loaded, "score": score}
 

@@ -173,9 +173,10 @@ class Backbone:
     _embeddings: dict = field(repr=False, default_factory=dict)
 
     def release_unet(self) -> None:
-        """Free the U-Net when nothing built on this backbone runs it (a head that carries its
-        own fine-tuned U-Net, when only scoring); using it afterwards is an error."""
-        self.unet = None
+        """Free the U-Net's weights when nothing built on this backbone runs it (a head that
+        carries its own fine-tuned U-Net, when only scoring). Its structure and config stay (meta
+        tensors), so heads can still be built on this backbone; running it is an error."""
+        self.unet = self.unet.to("meta")
 
     # The VAE posterior mean, never a sample: the same image always gives the same latents.
     def encode(self, pixels):
