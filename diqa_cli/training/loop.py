@@ -12,7 +12,14 @@ from typing import Any, Callable
 
 from diqa_cli.errors import UsageError
 from diqa_cli.methods import TrainingDefaults
-from diqa_cli.training.labels import default_split, mos_normalisation, normalised_targets, read_labels, select_split
+from diqa_cli.training.labels import (
+    default_split,
+    labels_layout,
+    mos_normalisation,
+    normalised_targets,
+    read_labels,
+    select_split,
+)
 
 __all__ = ["Optimiser", "build_model", "fit", "rng_devices", "settings_for", "train", "training_record"]
 
@@ -145,6 +152,7 @@ def training_record(method, labels_csv, settings, seed, normalisation, n_train, 
     return {
         "method": method,
         "labels": str(Path(labels_csv)),
+        "labels_layout": labels_layout(labels_csv),
         "split": split or "all",
         "n_train": n_train,
         "n_failed": n_failed,
