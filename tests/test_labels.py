@@ -1,5 +1,6 @@
 """Label files as datasets publish them: column mapping, presets (each on a few rows written in its
-published layout, with tiny images or videos) and auto-detection."""
+published layout, with tiny images or videos), auto-detection, and the ``--init imagenet`` start of
+the DP-IQA student (its "ImageNet" weights a local manifest entry made here)."""
 
 from __future__ import annotations
 
@@ -244,13 +245,14 @@ def test_train_and_eval_recognise_koniq_and_use_its_official_split(tmp_path, tin
     )
     assert code == 0, stderr
     assert "koniq10k_distributions_sets.csv is KonIQ-10k's published label file: reading it with --preset koniq10k" in stderr
+    assert "start random" in stderr
     record = json.loads(out.with_suffix(".json").read_text())["training"]
     train_mos = [r.mos for r in expected if r.split == "train"]
     assert record["split"] == "train" and record["n_train"] == len(train_mos) == 2
     assert record["normalised_mos"] == pytest.approx({"offset": min(train_mos), "scale": max(train_mos) - min(train_mos)})
     assert record["labels_layout"]["preset"] == "koniq10k"
     assert record["labels_layout"]["published_mos_range"] == [1.0, 100.0]
-    assert record["labels_layout"]["mos_column"] == "MOS"
+    assert record["labels_layout"]["mos_column"] == "MOS" and record["init"] == "random"
 
     code, stdout, stderr = run_main(
         ["eval", "--checkpoint", str(out), "--data", str(root), "--preset", "koniq10k", "--format", "json",
@@ -279,3 +281,86 @@ def test_train_reads_named_columns_and_records_them(tmp_path, tiny_images, run_m
         ["train", "-m", "dpiqa-student", "--data", str(labels), "--out", str(out), "--config", "tiny", "--offline"]
     )
     assert code == 2 and "missing column(s) path, mos (found: Image, Rating)" in stderr
+
+
+# --- --init imagenet --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def imagenet_b0(tmp_path, monkeypatch):
+    """'ImageNet' weights for the tiny student's EfficientNet-B0: a seeded torchvision B0 saved as
+    a local manifest entry's safetensors file, in the weights cache, mapped for efficientnet_b0."""
+    import hashlib
+
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    from diqa_cli import weights
+    from diqa_cli.models import dpiqa_student
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        state = {k: v.contiguous() for k, v in torchvision.models.efficientnet_b0(weights=None).state_dict().items()}
+    staged = tmp_path / "b0.safetensors"
+    save_file(state, str(staged))
+    manifest = json.loads(weights.manifest_path().read_text(encoding="utf-8"))
+    name = "efficientnet-b0-imagenet-test"
+    manifest["entries"][name] = {
+        "name": name,
+        "kind": "torchvision-backbone",
+        "description": "test stand-in for ImageNet EfficientNet-B0 weights",
+        "licence": "test",
+        "source": "https://example.invalid/models",
+        "files": [{"path": "b0.safetensors", "format": "safetensors", "sha256": hashlib.sha256(staged.read_bytes()).hexdigest()}],
+    }
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    monkeypatch.setenv("DIQA_MANIFEST", str(path))
+    monkeypatch.setitem(dpiqa_student.IMAGENET_WEIGHTS, "efficientnet_b0", name)
+    return name, staged, state
+
+
+def test_init_imagenet_starts_the_student_from_the_manifest_weights(tmp_path, tiny_images, imagenet_b0, run_main, one_thread):
+    import shutil
+
+    import torch
+
+    from diqa_cli import weights
+    from diqa_cli.files import read_safetensors
+
+    name, staged, state = imagenet_b0
+    _images(tmp_path / "pics", ["a.png", "b.png", "c.png"], tiny_images)
+    labels = _write_csv(tmp_path / "labels.csv", ["path", "mos"], [["pics/a.png", "1"], ["pics/b.png", "2"], ["pics/c.png", "3"]])
+    args = ["train", "-m", "dpiqa-student", "--data", str(labels), "--config", "tiny", "--epochs", "1",
+            "--lr", "1e-9", "--device", "cpu", "--dtype", "fp32", "--offline"]
+
+    # Not pulled yet: the weights error names the entry and the command that fetches it.
+    code, _, stderr = run_main([*args, "--init", "imagenet", "--out", str(tmp_path / "x.safetensors")])
+    assert code == 1 and f"diqa weights pull {name}" in stderr
+
+    target = weights.entry(name).local_dir / "b0.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(staged, target)
+    out = tmp_path / "imagenet.safetensors"
+    code, _, stderr = run_main([*args, "--init", "imagenet", "--out", str(out)])
+    assert code == 0, stderr
+    assert "start imagenet" in stderr
+    assert json.loads(out.with_suffix(".json").read_text())["training"]["init"] == "imagenet"
+
+    trunk = {k: v for k, v in state.items() if k.startswith("features.") and v.is_floating_point() and "running" not in k}
+    saved = read_safetensors(out)
+    # One step at lr 1e-9 moves no weight by more than ~1e-9: the trunk is the manifest's.
+    assert all(torch.allclose(saved[f"base_model.{k}"], v, atol=1e-6) for k, v in trunk.items())
+    random_out = tmp_path / "random.safetensors"
+    assert run_main([*args, "--out", str(random_out)])[0] == 0
+    assert not torch.allclose(read_safetensors(random_out)["base_model.features.0.0.weight"], trunk["features.0.0.weight"], atol=1e-3)
+
+
+def test_init_imagenet_is_a_usage_error_for_a_method_without_an_imagenet_start(tmp_path, run_main):
+    labels = _write_csv(tmp_path / "labels.csv", ["path", "mos"], [["a.png", "1"], ["b.png", "2"]])
+    code, _, stderr = run_main(
+        ["train", "-m", "dpiqa", "--data", str(labels), "--init", "imagenet", "--out", str(tmp_path / "h.safetensors"), "--offline"]
+    )
+    assert code == 2
+    assert "--init imagenet: method 'dpiqa' has no ImageNet start (methods that have one: dpiqa-student)" in stderr

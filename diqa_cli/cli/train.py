@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="gradient-norm clip, 0 for none (default: the method's)"),
         seed: int = typer.Option(0, "--seed", help="seeds initialisation, batch order and noise; recorded in the sidecar"),
         config: Optional[str] = typer.Option(None, "--config", help=_CONFIG_HELP),
-        init: Optional[Path] = typer.Option(None, "--init", help="start from this head checkpoint (same method; for genzvqa, a genziqa head)"),
+        init: Optional[str] = typer.Option(None, "--init", help="start from this head checkpoint (same method; for genzvqa, a genziqa head), or 'imagenet' (a method whose model starts from ImageNet weights, taken from the weights manifest)"),
         slowfast: Optional[str] = typer.Option(None, "--slowfast", help="video methods: SlowFast weights (default: the config's)"),
         device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
