@@ -193,6 +193,20 @@ def test_each_preset_reads_its_published_layout(name, tmp_path, tiny_images):
     assert len(layout["published_mos_range"]) == 2
 
 
+def test_a_csv_preset_takes_a_split_column_added_to_the_published_file(tmp_path, tiny_images):
+    root = tmp_path / "konvid"
+    root.mkdir()
+    labels, expected = _konvid(root, tiny_images)
+    with labels.open() as fh:
+        lines = fh.read().splitlines()
+    folds = ["fold", "train", "test", "train"]
+    labels.write_text("\n".join(f"{line},{fold}" for line, fold in zip(lines, folds)) + "\n")
+    rows = read_labels(labels, preset="konvid1k", split_col="fold")
+    assert [r.path for r in rows] == [e.path for e in expected]
+    assert [r.split for r in rows] == ["train", "test", "train"]
+    assert labels_source(labels, preset="konvid1k", split_col="fold").layout()["split_column"] == "fold"
+
+
 def test_preset_errors_say_what_to_do(tmp_path, tiny_images):
     (tmp_path / "koniq").mkdir()
     labels, _ = _koniq(tmp_path / "koniq", tiny_images)
