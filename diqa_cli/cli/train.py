@@ -18,6 +18,12 @@ from diqa_cli.home import offline_requested
 _DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps"
 _DTYPE_HELP = "auto | fp32 | fp16 | bf16 (half precision trains under autocast, parameters in fp32)"
 _CONFIG_HELP = "the model's config: a JSON object, a JSON file, or 'tiny' for the method's tiny-backbone head"
+_DATA_HELP = "labels CSV (path,mos[,split]), a published label file (see --preset) or a dataset folder holding one"
+_PRESET_HELP = "koniq10k | clive | spaq | kadid10k | konvid1k | livevqc: read that dataset's published label file (recognised by name without this)"
+_PATH_COL_HELP = "column of the image/video paths (default: path; case is ignored)"
+_MOS_COL_HELP = "column of the MOS (default: mos; case is ignored)"
+_SPLIT_COL_HELP = "column of the split, train/val/test (default: split, when present)"
+_MEDIA_DIR_HELP = "folder the paths are relative to (default: the labels file's; a preset's image/video folder beside it)"
 
 
 def _log(message: str) -> None:
@@ -38,12 +44,28 @@ def _parse_config(text: Optional[str]):
     return config
 
 
+def _labels(data: Path, preset, path_col, mos_col, split_col, media_dir):
+    """The labels source the library reads; says on stderr which preset a file was recognised as."""
+    from diqa_cli.training import labels_source
+
+    source = labels_source(data, preset=preset, path_col=path_col, mos_col=mos_col, split_col=split_col, media_dir=media_dir)
+    if source.detected:
+        p = source.preset
+        _log(f"diqa: {source.path.name} is {p.title}'s published label file: reading it with --preset {p.name} ({p.note})")
+    return source
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_command(
         method: str = typer.Option(..., "--method", "-m", help="registered method name (see `diqa methods`)"),
-        data: Path = typer.Option(..., "--data", help="labels CSV: path,mos[,split]; trains on split 'train' when present"),
+        data: Path = typer.Option(..., "--data", help=_DATA_HELP + "; trains on split 'train' when present"),
         out: Path = typer.Option(..., "--out", "-o", help="head checkpoint to write (.safetensors; the sidecar goes beside it)"),
+        preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+        path_col: Optional[str] = typer.Option(None, "--path-col", help=_PATH_COL_HELP),
+        mos_col: Optional[str] = typer.Option(None, "--mos-col", help=_MOS_COL_HELP),
+        split_col: Optional[str] = typer.Option(None, "--split-col", help=_SPLIT_COL_HELP),
+        media_dir: Optional[Path] = typer.Option(None, "--media-dir", help=_MEDIA_DIR_HELP),
         backbone: Optional[str] = typer.Option(None, "--backbone", help="manifest name, diffusers folder or .safetensors (default: the method's)"),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="default: the method's released setting"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default: the method's released setting"),
@@ -52,7 +74,7 @@ def register(app: typer.Typer) -> None:
         grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="gradient-norm clip, 0 for none (default: the method's)"),
         seed: int = typer.Option(0, "--seed", help="seeds initialisation, batch order and noise; recorded in the sidecar"),
         config: Optional[str] = typer.Option(None, "--config", help=_CONFIG_HELP),
-        init: Optional[Path] = typer.Option(None, "--init", help="start from this head checkpoint (same method; for genzvqa, a genziqa head)"),
+        init: Optional[str] = typer.Option(None, "--init", help="start from this head checkpoint (same method; for genzvqa, a genziqa head), or 'imagenet' (a method whose model starts from ImageNet weights, taken from the weights manifest)"),
         slowfast: Optional[str] = typer.Option(None, "--slowfast", help="video methods: SlowFast weights (default: the config's)"),
         device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
@@ -64,7 +86,7 @@ def register(app: typer.Typer) -> None:
 
         train(
             method,
-            data,
+            _labels(data, preset, path_col, mos_col, split_col, media_dir),
             backbone=backbone,
             out=out,
             epochs=epochs,
@@ -87,8 +109,13 @@ def register(app: typer.Typer) -> None:
     @app.command("distill")
     def distill_command(
         teacher: Path = typer.Option(..., "--teacher", help="DP-IQA teacher head checkpoint"),
-        data: Path = typer.Option(..., "--data", help="labels CSV: path,mos[,split]; uses split 'train' when present"),
+        data: Path = typer.Option(..., "--data", help=_DATA_HELP + "; uses split 'train' when present"),
         out: Path = typer.Option(..., "--out", "-o", help="student head checkpoint to write (.safetensors)"),
+        preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+        path_col: Optional[str] = typer.Option(None, "--path-col", help=_PATH_COL_HELP),
+        mos_col: Optional[str] = typer.Option(None, "--mos-col", help=_MOS_COL_HELP),
+        split_col: Optional[str] = typer.Option(None, "--split-col", help=_SPLIT_COL_HELP),
+        media_dir: Optional[Path] = typer.Option(None, "--media-dir", help=_MEDIA_DIR_HELP),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="default: the released 30"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default: the released 24"),
         lr: Optional[float] = typer.Option(None, "--lr", help="default: the released 1e-4"),
@@ -105,7 +132,7 @@ def register(app: typer.Typer) -> None:
 
         distill(
             teacher,
-            data,
+            _labels(data, preset, path_col, mos_col, split_col, media_dir),
             out=out,
             epochs=epochs,
             batch_size=batch_size,
@@ -124,7 +151,12 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_command(
         checkpoint: Path = typer.Option(..., "--checkpoint", help="head checkpoint (.safetensors with its sidecar)"),
-        data: Path = typer.Option(..., "--data", help="labels CSV: path,mos[,split]"),
+        data: Path = typer.Option(..., "--data", help=_DATA_HELP),
+        preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+        path_col: Optional[str] = typer.Option(None, "--path-col", help=_PATH_COL_HELP),
+        mos_col: Optional[str] = typer.Option(None, "--mos-col", help=_MOS_COL_HELP),
+        split_col: Optional[str] = typer.Option(None, "--split-col", help=_SPLIT_COL_HELP),
+        media_dir: Optional[Path] = typer.Option(None, "--media-dir", help=_MEDIA_DIR_HELP),
         split: Optional[str] = typer.Option(None, "--split", help="rows to use: default 'test' when the CSV has a split column; 'all' for every row"),
         backbone: Optional[str] = typer.Option(None, "--backbone", help="replace the backbone the sidecar names"),
         slowfast: Optional[str] = typer.Option(None, "--slowfast", help="video methods: replace the SlowFast weights the sidecar names"),
@@ -142,7 +174,7 @@ def register(app: typer.Typer) -> None:
 
         result = evaluate(
             checkpoint,
-            data,
+            _labels(data, preset, path_col, mos_col, split_col, media_dir),
             split=split,
             backbone=backbone,
             clip_encoder=slowfast,

@@ -1,8 +1,10 @@
 """Training, distillation and evaluation of quality heads on a labels CSV; SRCC / PLCC / KRCC.
 
 A labels CSV has the columns ``path`` and ``mos`` and optionally ``split`` (``train`` / ``test`` /
-anything else); relative paths are resolved against the CSV's folder. The paths are images, or
-videos for a video method (GenzVQA, whose SlowFast features are computed once per video).
+anything else), or others named with :func:`labels_source`; relative paths are resolved against the
+CSV's folder. The published label files of KonIQ-10k, LIVE Challenge, SPAQ, KADID-10k, KoNViD-1k
+and LIVE-VQC are read through presets (:mod:`.presets`). The paths are images, or videos for a
+video method (GenzVQA, whose SlowFast features are computed once per video).
 
 What diqa does the same for every method, and where that departs from the released code:
 
@@ -28,8 +30,9 @@ What diqa does the same for every method, and where that departs from the releas
   and the head trained on them, which costs one feature pass per image instead of one per epoch.
 * Images are resized with the method's own filter (``MethodSpec.resample``), as scoring does.
 
-Modules: :mod:`.labels` (labels CSVs, MOS normalisation), :mod:`.loop` (:func:`train`),
-:mod:`.distill` (:func:`distill`), :mod:`.evaluate` (:func:`evaluate`, :func:`correlations`).
+Modules: :mod:`.labels` (labels CSVs, MOS normalisation), :mod:`.presets` (published label files),
+:mod:`.loop` (:func:`train`), :mod:`.distill` (:func:`distill`), :mod:`.evaluate` (:func:`evaluate`,
+:func:`correlations`).
 
 Metrics: SRCC, PLCC and KRCC from :mod:`scipy.stats`; PLCC is computed on the scores as they
 are, without the 4-parameter logistic fit some papers apply first, as DP-IQA's released
@@ -39,11 +42,13 @@ are, without the 4-parameter logistic fit some papers apply first, as DP-IQA's r
 from diqa_cli.methods import TrainingDefaults
 from diqa_cli.training.distill import distill
 from diqa_cli.training.evaluate import correlations, evaluate
-from diqa_cli.training.labels import LabelRow, read_labels, select_split
+from diqa_cli.training.labels import LabelRow, LabelsSource, labels_source, read_labels, select_split
 from diqa_cli.training.loop import train
 
 __all__ = [
     "LabelRow",
+    "LabelsSource",
+    "labels_source",
     "TrainingDefaults",
     "read_labels",
     "select_split",

@@ -12,9 +12,19 @@ from typing import Any, Callable
 
 from diqa_cli.errors import UsageError
 from diqa_cli.methods import TrainingDefaults
-from diqa_cli.training.labels import default_split, mos_normalisation, normalised_targets, read_labels, select_split
+from diqa_cli.training.labels import (
+    default_split,
+    labels_layout,
+    mos_normalisation,
+    normalised_targets,
+    read_labels,
+    select_split,
+)
 
-__all__ = ["Optimiser", "build_model", "fit", "rng_devices", "settings_for", "train", "training_record"]
+__all__ = ["IMAGENET", "Optimiser", "build_model", "fit", "rng_devices", "settings_for", "train", "training_record"]
+
+# ``init_checkpoint="imagenet"``: start an ImageNetInit model's trunk from ImageNet weights.
+IMAGENET = "imagenet"
 
 Log = Callable[[str], None]
 
@@ -145,6 +155,7 @@ def training_record(method, labels_csv, settings, seed, normalisation, n_train, 
     return {
         "method": method,
         "labels": str(Path(labels_csv)),
+        "labels_layout": labels_layout(labels_csv),
         "split": split or "all",
         "n_train": n_train,
         "n_failed": n_failed,
@@ -186,7 +197,9 @@ def train(
     ``config`` is the model's constructor config (a dict, or ``"tiny"`` for ``Cls.tiny_config()``);
     ``init_checkpoint`` continues from a saved head of the same method (its config wins), or starts
     from a head of a method the spec's ``init_from`` names (GenzVQA from GenzIQA: prompts and LoRA,
-    the modulator fresh, the released way to train it). ``backbone`` replaces the init checkpoint's
+    the modulator fresh, the released way to train it); ``"imagenet"`` (:data:`IMAGENET`) starts a
+    model that implements :class:`~diqa_cli.models.base.ImageNetInit` (the DP-IQA student) from its
+    trunk's ImageNet weights in the weights manifest. ``backbone`` replaces the init checkpoint's
     backbone when both are given. ``clip_encoder`` (video methods: SlowFast for GenzVQA) names the
     clip encoder's weights; default the config's, a relative path taken from the init checkpoint's
     folder. :class:`~diqa_cli.models.base.CachedFeatures` models train on features computed once.
@@ -200,12 +213,19 @@ def train(
 
     log = log or _quiet
     spec = get_method(method)
+    imagenet = isinstance(init_checkpoint, str) and init_checkpoint == IMAGENET  # a file so named: "./imagenet"
+    if imagenet:
+        _check_imagenet_init(spec)
+        init_checkpoint = None
     rows = read_labels(labels_csv)
     split = default_split(rows, "train")
     train_rows = select_split(rows, split, source=labels_csv)
     normalisation = mos_normalisation(train_rows, labels_csv)
     settings = settings_for(spec, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
     model = _initial_model(spec, backbone, config, seed, init_checkpoint, device, dtype, offline)
+    if imagenet:
+        model.load_imagenet_weights(offline=offline)
+    start = IMAGENET if imagenet else "random" if init_checkpoint is None else str(init_checkpoint)
     device = model.device
 
     if isinstance(model, VideoQualityModel):
@@ -220,7 +240,7 @@ def train(
         raise UsageError(f"{labels_csv}: fewer than 2 readable training {spec.input_kind}s; nothing to train on")
     log(
         f"diqa: training {spec.name} on {len(data)} {spec.input_kind}s ({len(data.failed)} unreadable), "
-        f"{settings.epochs} epochs, batch {settings.batch_size}, lr {settings.lr:g}, seed {seed}"
+        f"{settings.epochs} epochs, batch {settings.batch_size}, lr {settings.lr:g}, seed {seed}, start {start}"
     )
     with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(seed)
@@ -243,6 +263,7 @@ def train(
     record = training_record(
         spec.name, labels_csv, settings, seed, normalisation, len(data), len(data.failed), split, losses
     )
+    record["init"] = start
     if init_checkpoint is not None:
         record["init_checkpoint"] = str(init_checkpoint)
     out = Path(out)
@@ -250,6 +271,26 @@ def train(
     save_head(model, out, normalisation=normalisation, extra={"training": record})
     log(f"diqa: saved {out} (sidecar {out.with_suffix('.json')})")
     return record
+
+
+def _check_imagenet_init(spec) -> None:
+    """``--init imagenet`` only for a method whose model can load ImageNet weights."""
+    from diqa_cli.methods import list_methods, load_model_class
+    from diqa_cli.models.base import ImageNetInit
+
+    if issubclass(load_model_class(spec), ImageNetInit):
+        return
+    able = []
+    for other in list_methods():
+        try:
+            if issubclass(load_model_class(other), ImageNetInit):
+                able.append(other.name)
+        except Exception:  # a method whose model cannot be imported here cannot start from ImageNet either
+            continue
+    raise UsageError(
+        f"--init imagenet: method {spec.name!r} has no ImageNet start (methods that have one: "
+        f"{', '.join(able) or 'none'}); leave --init out to start from random initialisation, or give a head checkpoint"
+    )
 
 
 def _initial_model(spec, backbone, config, seed, init_checkpoint, device, dtype, offline):
