@@ -79,9 +79,19 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
         workers: int = typer.Option(2, "--workers", help="image-decoding threads"),
+        eval_every: int = typer.Option(
+            1, "--eval-every", min=0,
+            help="score the held-out rows (split val, else test) every N epochs and log their SRCC; 0 never",
+        ),
+        keep_last: bool = typer.Option(
+            False, "--keep-last", help="save the last epoch's head even when a val split found a better one"
+        ),
         offline: bool = typer.Option(False, "--offline", help="never touch the network"),
     ) -> None:
-        """Train a quality head on a labels CSV (images, or videos for genzvqa) and save it with its sidecar."""
+        """Train a quality head on a labels CSV (images, or videos for genzvqa) and save it with its sidecar.
+
+        Each epoch logs its loss and, when the labels have a val or test split, the held-out SRCC;
+        with a val split the best epoch's head is saved (never selected on test)."""
         from diqa_cli.training import train
 
         train(
@@ -102,6 +112,8 @@ def register(app: typer.Typer) -> None:
             clip_encoder=slowfast,
             offline=offline_requested(offline),
             workers=workers,
+            eval_every=eval_every,
+            keep_last=keep_last,
             log=_log,
         )
         typer.echo(str(out))
@@ -144,6 +156,8 @@ def register(app: typer.Typer) -> None:
             dtype=dtype,
             offline=offline_requested(offline),
             workers=workers,
+            eval_every=eval_every,
+            keep_last=keep_last,
             log=_log,
         )
         typer.echo(str(out))

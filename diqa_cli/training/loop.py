@@ -6,6 +6,7 @@ See :mod:`diqa_cli.training` for what diqa does the same for every method.
 from __future__ import annotations
 
 import datetime
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,8 @@ __all__ = ["IMAGENET", "Optimiser", "build_model", "fit", "rng_devices", "settin
 IMAGENET = "imagenet"
 
 Log = Callable[[str], None]
+# Per-batch progress inside an epoch (shown with `diqa -v`); epochs themselves go to ``log``.
+_progress = logging.getLogger("diqa")
 
 
 def _quiet(_: str) -> None:
@@ -122,10 +125,12 @@ class Optimiser:
             self.optimiser.step()
 
 
-def fit(model, data, normalisation, settings: TrainingDefaults, seed: int, optimiser, loss_of, log) -> list[float]:
+def fit(model, data, normalisation, settings: TrainingDefaults, seed: int, optimiser, loss_of, log,
+        after_epoch: Callable[[int], str] | None = None) -> list[float]:
     """Epochs of mini-batches in a seeded order; ``loss_of(inputs, kept, targets)`` gives one
     batch's loss. ``data`` has ``rows`` and ``batch(indices) -> (inputs, kept indices)``.
-    Returns the mean loss of each epoch."""
+    ``after_epoch(epoch)`` may add to the epoch's log line (held-out SRCC). Returns the mean loss
+    of each epoch."""
     import torch
 
     order_generator = torch.Generator().manual_seed(seed)
@@ -135,7 +140,8 @@ def fit(model, data, normalisation, settings: TrainingDefaults, seed: int, optim
     for epoch in range(settings.epochs):
         total, count = 0.0, 0
         order = torch.randperm(len(data), generator=order_generator).tolist()
-        for start in range(0, len(order), settings.batch_size):
+        batches = range(0, len(order), settings.batch_size)
+        for number, start in enumerate(batches, start=1):
             inputs, kept = data.batch(order[start : start + settings.batch_size])
             if not kept:
                 continue
@@ -145,8 +151,11 @@ def fit(model, data, normalisation, settings: TrainingDefaults, seed: int, optim
             optimiser.step(loss)
             total += float(loss.detach()) * len(kept)
             count += len(kept)
+            _progress.debug("epoch %d/%d, batch %d/%d, loss %.5f", epoch + 1, settings.epochs, number, len(batches),
+                            float(loss.detach()))
         losses.append(total / max(count, 1))
-        log(f"diqa: epoch {epoch + 1}/{settings.epochs} loss {losses[-1]:.5f}")
+        extra = after_epoch(epoch) if after_epoch is not None else ""
+        log(f"diqa: epoch {epoch + 1}/{settings.epochs} loss {losses[-1]:.5f}{extra}")
     model.eval()
     return losses
 
@@ -188,11 +197,18 @@ def train(
     clip_encoder: str | None = None,
     offline: bool = False,
     workers: int = 2,
+    eval_every: int = 1,
+    keep_last: bool = False,
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Train a head for ``method`` on the ``train`` split (every row when there is no split column)
     and save it with :func:`diqa_cli.checkpoint.save_head`. Returns the training record that the
     sidecar also holds under ``training``.
+
+    Held-out rows (split ``val``, else ``test``) are scored every ``eval_every`` epochs (0: never)
+    and their SRCC logged with the epoch. With a ``val`` split the head of the best epoch is the one
+    saved, unless ``keep_last``; a ``test`` split is only reported, never selected on (selecting on
+    it would make its SRCC an optimistic estimate; DP-IQA's released code does select on test).
 
     ``config`` is the model's constructor config (a dict, or ``"tiny"`` for ``Cls.tiny_config()``);
     ``init_checkpoint`` continues from a saved head of the same method (its config wins), or starts
@@ -258,12 +274,19 @@ def train(
             def loss_of(inputs, kept, targets):  # a pixel tensor, or a VideoBatch for video methods
                 return model.training_loss(inputs.to(device, input_dtype), targets, noise)
 
-        losses = fit(model, data, normalisation, settings, seed, optimiser, loss_of, log)
+        holdout = _Holdout.of(rows, data, model, spec, eval_every=eval_every, keep_last=keep_last,
+                              batch_size=settings.batch_size, workers=workers, log=log, source=labels_csv)
+        losses = fit(model, data, normalisation, settings, seed, optimiser, loss_of, log,
+                     after_epoch=holdout.after_epoch if holdout else None)
+        if holdout:
+            holdout.restore_best()
 
     record = training_record(
         spec.name, labels_csv, settings, seed, normalisation, len(data), len(data.failed), split, losses
     )
     record["init"] = start
+    if holdout:
+        record["holdout"] = holdout.record()
     if init_checkpoint is not None:
         record["init_checkpoint"] = str(init_checkpoint)
     out = Path(out)
@@ -271,6 +294,93 @@ def train(
     save_head(model, out, normalisation=normalisation, extra={"training": record})
     log(f"diqa: saved {out} (sidecar {out.with_suffix('.json')})")
     return record
+
+
+class _Holdout:
+    """Held-out rows scored after epochs: their SRCC for the log, and the best epoch's head kept
+    when they are a validation split."""
+
+    def __init__(self, split, data, model, *, eval_every, select, batch_size):
+        self.split, self.data, self.model = split, data, model
+        self.eval_every, self.select, self.batch_size = eval_every, select, batch_size
+        self.srcc: list[float | None] = []
+        self.best_epoch: int | None = None
+        self.best_state = None
+
+    @classmethod
+    def of(cls, rows, train_data, model, spec, *, eval_every, keep_last, batch_size, workers, log, source):
+        """The held-out set of ``rows`` built like the training data, or None when there is none."""
+        from diqa_cli.models.base import CachedFeatures, VideoQualityModel
+        from diqa_cli.pipelines.datasets import FeatureSet, ImageSet, VideoSet
+
+        present = {r.split for r in rows}
+        split = "val" if "val" in present else "test" if "test" in present else None
+        if split is None or eval_every < 1:
+            return None
+        chosen = select_split(rows, split, source=source)
+        if isinstance(model, VideoQualityModel):
+            data = VideoSet(chosen, model, train_data.encoder, log=log)
+        else:
+            data = ImageSet(chosen, model.resolution, resample=spec.resample, workers=workers, log=log)
+            if isinstance(model, CachedFeatures):
+                data = FeatureSet(model, data, batch_size, log)
+        if len(data) < 2:
+            return None
+        return cls(split, data, model, eval_every=eval_every, select=split == "val" and not keep_last,
+                   batch_size=batch_size)
+
+    def predictions(self) -> list[float]:
+        """Raw scores of the held-out set (SRCC needs no normalisation)."""
+        import torch
+
+        from diqa_cli.models.base import VideoQualityModel
+        from diqa_cli.pipelines.datasets import FeatureSet
+
+        model, out = self.model, []
+        for start in range(0, len(self.data), self.batch_size):
+            inputs, kept = self.data.batch(list(range(start, min(start + self.batch_size, len(self.data)))))
+            if not kept:
+                continue
+            if isinstance(self.data, FeatureSet):
+                scores = model.head_forward(inputs)
+            elif isinstance(model, VideoQualityModel):
+                batch = inputs.to(model.device, model.dtype)
+                scores = torch.stack([model.video_score(model.frame_features(frames), features).score
+                                      for frames, features in zip(batch.frames, batch.clip_features)])
+            else:
+                scores = model(inputs.to(model.device, model.dtype))
+            out.extend(float(s) for s in scores.float().cpu())
+        return out
+
+    def after_epoch(self, epoch: int) -> str:
+        import torch
+
+        from diqa_cli.training.evaluate import correlations
+
+        if (epoch + 1) % self.eval_every:
+            self.srcc.append(None)
+            return ""
+        self.model.eval()
+        with torch.no_grad():
+            srcc = correlations(self.predictions(), [r.mos for r in self.data.rows])["srcc"]
+        self.model.train()
+        self.srcc.append(srcc)
+        if self.select and srcc == srcc and (self.best_epoch is None or srcc > self.srcc[self.best_epoch]):
+            self.best_epoch = epoch
+            self.best_state = {k: v.detach().clone() for k, v in self.model.checkpoint_state_dict().items()}
+        return f", held-out ({self.split}) SRCC {srcc:.4f}"
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.model.load_checkpoint_state_dict(self.best_state)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "n": len(self.data),
+            "srcc_per_epoch": self.srcc,
+            "kept": f"epoch {self.best_epoch + 1} (best {self.split} SRCC)" if self.best_state is not None else "last epoch",
+        }
 
 
 def _check_imagenet_init(spec) -> None:
