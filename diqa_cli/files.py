@@ -45,14 +45,20 @@ _CHUNK = 1 << 20
 # --------------------------------------------------------------------------- atomic writes
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Call ``write(tmp)`` on a temporary name in ``path``'s folder, then rename it over ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object],
+                 keep: Callable[[str], bool] | None = None) -> Path | None:
+    """Call ``write(tmp)`` on a temporary name in ``path``'s folder, then rename it over ``path``.
+    With ``keep``, the written temporary file is renamed only if ``keep(tmp)`` says so; otherwise
+    it is removed, nothing is written and None is returned."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        if keep is not None and not keep(tmp):
+            Path(tmp).unlink()
+            return None
         # mkstemp (and safetensors itself) create files private to the user; the result gets the
         # permissions any other new file would (umask applied), so it can be shared.
         os.chmod(tmp, 0o666 & ~_umask())

@@ -156,6 +156,8 @@ class _TableWriter(RowWriter):
         "score": 10, "raw_score": 10, "status": 6, "method": 12, "seconds": 8,
         # ``diqa score-video``'s columns, no narrower than their headers.
         "frames_sampled": 14, "frames_decoded": 14, "frames_lost": 11, "decoder": 11, "duration": 8,
+        # ``diqa enhance``'s.
+        "input": 40, "prior_before": 12, "prior_after": 11, "iterations": 10,
     }
 
     def __init__(self, stream, columns, *, path_width: int | None = None, console=None):

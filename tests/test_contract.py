@@ -132,23 +132,24 @@ def test_image_method_keeps_the_contract(name, bundle, tiny_pixels, photos, run_
     metric = metric_for(bundle, name)
     spec = get_method(name)
     assert metric.spec is spec and metric.lower_better is spec.lower_better and metric.licence == spec.licence
-    pixels = tiny_pixels(3).double()
+    pixels = tiny_pixels(2).double()
 
     # The same input twice gives the same score; a batch gives its singles' scores.
     first, again = metric(pixels), metric(pixels)
-    assert first.shape == (3,) and torch.isfinite(first).all()
+    assert first.shape == (2,) and torch.isfinite(first).all()
     assert torch.equal(first, again)
-    singles = torch.cat([metric(pixels[i : i + 1]) for i in range(3)])
+    singles = torch.cat([metric(pixels[i : i + 1]) for i in range(2)])
     torch.testing.assert_close(first, singles, rtol=1e-4, atol=1e-4)
-    assert len(set(first.tolist())) == 3, "three different photos should get three different scores"
+    assert first[0] != first[1], "two different photos should get two different scores"
+    raw = metric(pixels, raw=True)
 
     # Saving and loading the head gives the same scores.
     saved = save_head(metric.model, tmp_path / f"{name}.safetensors", normalisation={"offset": 1.0, "scale": 2.0})
     from diqa_cli import create_metric
 
     reloaded = create_metric(checkpoint=saved, device="cpu", dtype="fp32", offline=True)
-    torch.testing.assert_close(reloaded(pixels, raw=True), metric(pixels, raw=True), rtol=0, atol=0)
-    torch.testing.assert_close(reloaded(pixels), metric(pixels, raw=True) * 2 + 1)
+    torch.testing.assert_close(reloaded(pixels, raw=True), raw, rtol=0, atol=0)
+    torch.testing.assert_close(reloaded(pixels), raw * 2 + 1)
 
     # The sidecar's config rebuilds the same model (same trainable tensors, same scores).
     sidecar = read_sidecar(saved)
@@ -156,7 +157,7 @@ def test_image_method_keeps_the_contract(name, bundle, tiny_pixels, photos, run_
     assert sorted(rebuilt.checkpoint_state_dict()) == sorted(metric.model.checkpoint_state_dict())
     loaded, _ = load_head(saved, backbone=metric.model.backbone)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(pixels.float()), metric.model(pixels.float()))
+        torch.testing.assert_close(loaded(pixels.float()), raw)
 
     # The layers a method says it reads exist in what it reads them from.
     model = metric.model
@@ -190,10 +191,10 @@ def test_any_tensor_size_is_resized_and_losses_reach_the_pixels(name, bundle, ti
     assert metric(odd[0]).shape == (1,)  # (3, H, W) is one image
 
     loss_metric = metric_for(bundle, name, as_loss=True)
-    pixels = odd.clone().requires_grad_(True)
+    pixels = odd[:1].clone().requires_grad_(True)
     loss = loss_metric(pixels)
     assert loss.ndim == 0
-    torch.testing.assert_close(loss, -metric(odd).mean())  # higher is better: the loss is the negated score
+    torch.testing.assert_close(loss, -scores[:1].mean())  # higher is better: the loss is the negated score
     loss.backward()
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in loss_metric.parameters())

@@ -282,7 +282,8 @@ def test_cli_keeps_size_and_mode_and_reports(run_main, dpiqa_head, photos, tmp_p
     code, stdout, stderr = run_main(cli_args(dpiqa_head, *inputs, "--out-dir", str(out_dir), "--report", str(report)))
 
     assert code == EXIT_OK, stderr
-    assert stdout == ""
+    assert stdout.splitlines()[0] == "input,output,prior_before,prior_after,iterations,status,error"
+    assert [line.split(",")[0] for line in stdout.splitlines()[1:]] == inputs  # a row per input, data only
     for name in ("rgb.png", "grey.png", "alpha.png"):
         before, after = Image.open(photos / name), Image.open(out_dir / name)
         assert (after.size, after.mode) == (before.size, before.mode)
@@ -297,7 +298,10 @@ def test_cli_keeps_size_and_mode_and_reports(run_main, dpiqa_head, photos, tmp_p
     for entry in record["images"]:
         assert entry["status"] == "ok"
         assert {"prior_before", "prior_after", "fidelity", "iterations", "seconds"} <= set(entry)
-    assert len(stderr.splitlines()) == 3 and all(" -> " in line for line in stderr.splitlines())
+    summaries = [line for line in stderr.splitlines() if " -> " in line]
+    assert len(summaries) == 3  # one per input; the rest are stage messages (loading the backbone…)
+    assert all(line.startswith(("diqa: loading", "diqa: computing", "diqa: embedding")) for line in stderr.splitlines()
+               if line not in summaries)
 
 
 def test_cli_bad_inputs_are_reported_and_the_run_goes_on(run_main, dpiqa_head, photos, tmp_path):
@@ -388,3 +392,30 @@ def test_other_fidelity_distances_run(calibrated_prior, tiny_pixels, fidelity):
 
     assert [step["iteration"] for step in result.history] == [0, 1]
     assert all(step["fidelity"] > 0 and np.isfinite(step["objective"]) for step in result.history)
+
+
+def test_cli_prints_a_row_per_input_and_keep_if_better_writes_nothing_that_did_not_improve(
+    run_main, dpiqa_head, photos, tmp_path, monkeypatch
+):
+    import csv
+    import io
+
+    out = tmp_path / "out"
+    code, stdout, _ = run_main(cli_args(dpiqa_head, str(photos / "rgb.png"), str(tmp_path / "gone.png"),
+                                        "--out-dir", str(out), "-f", "csv"))
+    rows = list(csv.DictReader(io.StringIO(stdout)))
+    assert code == 3 and list(rows[0]) == ["input", "output", "prior_before", "prior_after", "iterations", "status", "error"]
+    assert rows[0]["status"] == "ok" and rows[0]["output"] == str(out / "rgb.png") and float(rows[0]["prior_after"])
+    assert rows[1]["status"] == "error" and "no such file" in rows[1]["error"]
+
+    # A prior that never improves: with --keep-if-better nothing is written, and the row says why.
+    def flat(self, pixels, **kwargs):
+        return torch.zeros(len(pixels) if isinstance(pixels, torch.Tensor) and pixels.ndim == 4 else 1) + pixels.sum() * 0
+    monkeypatch.setattr(Metric, "forward", flat)
+    kept = tmp_path / "kept"
+    code, stdout, err = run_main(cli_args(dpiqa_head, str(photos / "grey.png"), "--out-dir", str(kept),
+                                          "--keep-if-better", "-f", "jsonl"))
+    row = json.loads(stdout)
+    assert code == 0 and row["status"] == "not-improved" and row["output"] is None
+    assert "not written: the prior did not improve" in err
+    assert not kept.exists() or list(kept.iterdir()) == []

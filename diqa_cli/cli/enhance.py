@@ -16,6 +16,8 @@ import typer
 from diqa_cli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, UsageError
 
 REPORT_FORMAT = "diqa-enhance/1"
+# One row per input on stdout; the report (--report) holds everything else.
+ROW_COLUMNS = ("input", "output", "prior_before", "prior_after", "iterations", "status", "error")
 
 
 def register(app: typer.Typer) -> None:
@@ -84,6 +86,14 @@ def enhance(
         help="Seed (of the prior's noise, if it draws any). Default: the checkpoint's recorded seed.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs, the input itself included."),
+    keep_if_better: bool = typer.Option(
+        False, "--keep-if-better", help="Write an output only where the prior scores it above the input (else status not-improved)."
+    ),
+    fmt: Optional[str] = typer.Option(
+        None, "--format", "-f", show_default=False,
+        help="Rows on stdout (input, output, prior before/after, iterations, status): table | csv | json | jsonl. "
+        "Default: table on a terminal, csv in a pipe.",
+    ),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders of folder inputs."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
@@ -107,6 +117,11 @@ def enhance(
     from diqa_cli.imageio import expand_inputs
     from diqa_cli.methods import default_method, get_method
 
+    from diqa_cli.output import FORMATS, default_format, open_writer
+
+    fmt = (fmt or default_format(sys.stdout)).lower()
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if output_mode not in OUTPUT_MODES:
         raise UsageError(f"--output-mode {output_mode!r} is not one of {', '.join(OUTPUT_MODES)}")
     settings = MapSettings(
@@ -139,16 +154,19 @@ def enhance(
     record["seed"] = settings.seed
 
     interrupted = False
+    width = max((len(p.input) for p in plans), default=5)
     try:
-        with _Progress(settings) as progress:
+        with _Progress(settings) as progress, open_writer(fmt, sys.stdout, columns=ROW_COLUMNS, path_width=width) as rows:
             for plan in plans:
                 if plan.error is not None:
                     entry = {"input": plan.input, "output": plan.output, "status": "error", "error": plan.error}
                 else:
                     progress.start(plan.input)
-                    entry = enhance_file(plan, enhancer, output_mode=output_mode, max_pixels=max_pixels, progress=progress.update)
+                    entry = enhance_file(plan, enhancer, output_mode=output_mode, max_pixels=max_pixels,
+                                         progress=progress.update, keep_if_better=keep_if_better)
                 entries.append(entry)
                 progress.tell(_summary(entry, settings.fidelity))
+                rows.write(entry)
                 if entry["status"] == "interrupted":
                     interrupted = True
                     break
@@ -200,6 +218,9 @@ def _build(method, checkpoint, backbone, device, dtype, offline, seed, settings)
 def _summary(entry: dict, fidelity: str) -> str:
     if entry["status"] == "error":
         return f"diqa: {entry['input']}: {entry['error']}"
+    if entry["status"] == "not-improved":
+        return (f"diqa: {entry['input']}: not written: the prior did not improve "
+                f"({entry['prior_before']:.4g} -> {entry['prior_after']:.4g}; --keep-if-better)")
     note = " (interrupted: best so far)" if entry["status"] == "interrupted" else f" ({entry['stop_reason']})"
     return (
         f"diqa: {entry['input']} -> {entry['output']}: prior {entry['prior_before']:.4g} -> {entry['prior_after']:.4g}, "

@@ -43,6 +43,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,10 +296,12 @@ def to_input_mode(source: SourceImage, rgb: np.ndarray) -> Image.Image:
 # --------------------------------------------------------------------------- writing
 
 
-def save_atomic(image: Image.Image, path: str | os.PathLike, *, info: dict | None = None) -> Path:
+def save_atomic(image: Image.Image, path: str | os.PathLike, *, info: dict | None = None,
+                keep: Callable[[str], bool] | None = None) -> Path | None:
     """Write ``image`` to ``path`` through a temporary file in the same folder and a rename.
     The format follows the extension; ``info`` (ICC profile, EXIF) is passed where the format
-    takes it. Raises ``OSError`` (or ``ValueError``) when the format cannot hold the image."""
+    takes it; ``keep(tmp)`` may decide, from the written file, not to write it (None returned).
+    Raises ``OSError`` (or ``ValueError``) when the format cannot hold the image."""
     path = Path(path)
     fmt = _writable_format(path)
     if fmt is None:
@@ -306,8 +309,7 @@ def save_atomic(image: Image.Image, path: str | os.PathLike, *, info: dict | Non
     options = dict(info or {})
     if fmt in _LOSSY_QUALITY:
         options["quality"] = _LOSSY_QUALITY[fmt]
-    atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **options))
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **options), keep=keep)
 
 
 def write_report(path: str | os.PathLike, record: dict) -> Path:
@@ -322,7 +324,7 @@ def write_report(path: str | os.PathLike, record: dict) -> Path:
 
 
 def enhance_file(plan: OutputPlan, enhancer, *, output_mode: str = "residual", max_pixels: int | None = None,
-                 progress=None) -> dict:
+                 progress=None, keep_if_better: bool = False) -> dict:
     """Enhance ``plan.input`` into ``plan.output`` with ``enhancer``
     (:class:`~diqa_cli.enhance.map.MapEnhancer` whose prior is a
     :class:`~diqa_cli.metric.Metric`); returns the input's report entry.
@@ -333,6 +335,8 @@ def enhance_file(plan: OutputPlan, enhancer, *, output_mode: str = "residual", m
     and objective of each iterate (decoded latents, before composition). A bad input or an
     output that cannot be written gives ``status: "error"`` with a one-line ``error``; Ctrl-C
     during the optimisation writes the best image so far and gives ``status: "interrupted"``.
+    With ``keep_if_better``, an output whose prior score is not above the input's is not written
+    (``status: "not-improved"``, ``output`` None).
     """
     import torch
 
@@ -359,18 +363,27 @@ def enhance_file(plan: OutputPlan, enhancer, *, output_mode: str = "residual", m
                      prior_before=score(source.composite))
         result = enhancer.run(target, progress=progress)
         rgb = compose(source, result.image.numpy(), result.reconstruction.numpy(), mode=output_mode)
+        measured = {}
+
+        def judge(tmp: str) -> bool:
+            """Score the file as written (what a later `diqa score` will see) before it is kept."""
+            measured["written"] = load_image(tmp, max_pixels=max_pixels)
+            measured["prior_after"] = score(measured["written"])
+            return not keep_if_better or measured["prior_after"] > entry["prior_before"]
+
         try:
-            save_atomic(to_input_mode(source, rgb), plan.output, info=source.info)
+            saved = save_atomic(to_input_mode(source, rgb), plan.output, info=source.info, keep=judge)
         except (OSError, ValueError) as exc:  # the format cannot hold the mode, disk full…
             raise InputError(plan.input, f"cannot write {plan.output}: {one_line(exc)}") from None
-        written = load_image(plan.output, max_pixels=max_pixels)
         with torch.no_grad():
             device = enhancer.backbone.device
-            fidelity = float(enhancer.fidelity(as_batch(written, size).to(device), target.to(device))[0])
+            fidelity = float(enhancer.fidelity(as_batch(measured["written"], size).to(device), target.to(device))[0])
+        status = "interrupted" if result.stop_reason == "interrupted" else "ok"
         entry.update(
-            status="interrupted" if result.stop_reason == "interrupted" else "ok",
+            output=plan.output if saved is not None else None,
+            status=status if saved is not None else "not-improved",
             error=None,
-            prior_after=score(written),
+            prior_after=measured["prior_after"],
             fidelity=fidelity,
             iterations=result.iterations,
             best_iteration=result.best_iteration,
