@@ -100,7 +100,7 @@ def setup(
 ) -> list[Path]:
     """Pull (hash-checked) and convert every entry ``specs`` need. ``accept(part)`` is asked for
     each non-commercial entry before anything is downloaded; refusing any stops the whole setup."""
-    from diqa_cli.weights.convert import convert_entry
+    from diqa_cli.weights.convert import conversion_summary, convert_entry
     from diqa_cli.weights.fetch import pull
 
     plan = plan_for(specs)
@@ -117,7 +117,9 @@ def setup(
              parts=part.parts, notify=notify)
         converted = all((e.local_dir / f.converted_path).is_file() for f in part.files if f.is_pickle)
         if part.needs_conversion and (force or not converted):
-            convert_entry(e.name, method=e.method)  # read with weights_only=True, never unpickled
+            for out in convert_entry(e.name, method=e.method):  # read with weights_only=True, never unpickled
+                if notify is not None:
+                    notify(f"diqa: {e.name}: converted to {out.name}: {conversion_summary(out)}")
         ready.append(e.local_dir)
     return ready
 
