@@ -182,8 +182,7 @@ class _TableWriter(RowWriter):
             width = self._widths.get(column)
             last = i == len(self.columns) - 1
             if width is not None and not last:
-                if len(cell) > width:  # keep the informative end of a long path
-                    cell = "…" + cell[-(width - 1):]
+                # Never shortened: a path is what a user types next, an error what they must read.
                 cell = cell.rjust(width) if column in ("score", "raw_score", "seconds") else cell.ljust(width)
             style = "bold" if header else ("red" if column == "status" and cell.strip() == "error" else "")
             line.append(cell, style=style)
@@ -193,10 +192,8 @@ class _TableWriter(RowWriter):
         return line
 
     def _print(self, line) -> None:
-        if self.console.is_terminal:  # one screen line per row, cut at the edge
-            self.console.print(line, no_wrap=True, overflow="ellipsis", crop=True)
-        else:  # a file: the whole line, however long
-            self.console.print(line, soft_wrap=True)
+        # The whole line, however long (a terminal wraps it): nothing a user must read is cut.
+        self.console.print(line, soft_wrap=True)
         self.stream.flush()
 
     def write(self, row):

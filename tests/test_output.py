@@ -134,13 +134,14 @@ def test_table_prints_header_once_and_one_line_per_row():
     assert "0.3000" in lines[1] and "error" in lines[2] and "truncated image data" in lines[2]
 
 
-def test_table_keeps_the_end_of_long_paths():
+def test_table_never_shortens_a_path_or_an_error():
     out = io.StringIO()
     long_path = "/very/long/" + "x" * 80 + "/IMG_0042.jpg"
+    long_error = "corrupt image data: " + "a reason that goes on " * 8
     with open_writer("table", out, columns=CORE_COLUMNS, path_width=len(long_path)) as writer:
-        writer.write({**OK, "path": long_path})
+        writer.write({**BAD, "path": long_path, "error": long_error})
     row = out.getvalue().splitlines()[1]
-    assert "IMG_0042.jpg" in row and "…" in row
+    assert long_path in row and long_error.strip() in row and "…" not in row
 
 
 def test_default_format_is_table_on_a_terminal_and_csv_in_a_pipe():

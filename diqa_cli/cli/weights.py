@@ -71,7 +71,9 @@ def list_command(
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("name", "kind", "licence", "cached", "size")
+        table = Table()
+        for column in ("name", "kind", "licence", "cached", "size"):  # folded, never cut: names are typed next
+            table.add_column(column, overflow="fold")
         for row in rows:
             table.add_row(row["name"], row["kind"], row["licence"], row["cached"], row["size"])
         Console().print(table)

@@ -167,15 +167,28 @@ def list_methods(kind: str | None = None) -> list[MethodSpec]:
     return [s for s in specs if kind is None or s.input_kind == kind]
 
 
-def get_method(name: str) -> MethodSpec:
+def get_method(name: str, *, kind: str | None = None) -> MethodSpec:
+    """The spec registered as ``name`` or one of its aliases, in any letter case. An unknown name
+    is a usage error with a did-you-mean among the methods of ``kind`` ("image", "video"; all when
+    None), the same in every command; a method of another kind is refused naming the right command."""
     _load_all()
-    key = _ALIASES.get(name, name)
-    if key in _REGISTRY:
-        return _REGISTRY[key]
-    known = sorted([*_REGISTRY, *_ALIASES])
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise UsageError(f"unknown method {name!r}{hint} (known: {', '.join(sorted(_REGISTRY))})")
+    wanted = name.strip().lower()
+    names = {key.lower(): key for key in [*_REGISTRY, *_ALIASES]}
+    key = names.get(wanted)
+    if key is not None:
+        spec = _REGISTRY[_ALIASES.get(key, key)]
+        if kind is not None and spec.input_kind != kind:
+            command = "score-video" if spec.input_kind == "video" else "score"
+            raise UsageError(f"method {spec.name!r} scores {spec.input_kind}s; use it with `diqa {command}`")
+        return spec
+    candidates = sorted(
+        k for k, v in names.items() if kind is None or _REGISTRY[_ALIASES.get(v, v)].input_kind == kind
+    )
+    close = difflib.get_close_matches(wanted, candidates, n=1)
+    hint = f"; did you mean {names[close[0]]!r}?" if close else ""
+    known = sorted(s.name for s in _REGISTRY.values() if kind is None or s.input_kind == kind)
+    what = f"{kind} methods" if kind else "known"
+    raise UsageError(f"unknown method {name!r}{hint} ({what}: {', '.join(known)})")
 
 
 def default_method(command: str) -> MethodSpec:
