@@ -61,7 +61,7 @@ def make_report(
     :func:`linked_folder`, linked relatively) or ``none``. ``top``: how many best and worst rows
     each group shows. Inputs that cannot be read for a thumbnail get a placeholder.
     """
-    from diqa_cli.atomic import atomic_write
+    from diqa_cli.files import atomic_write
     from diqa_cli.report.thumbs import Thumbnails, make_thumbnail, resolve_input
     from diqa_cli.videoio import VIDEO_EXTENSIONS
 
