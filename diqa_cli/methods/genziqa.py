@@ -42,6 +42,11 @@ SPEC = register_method(
             "N(0,1/r), up 0, scale 1)",
         ),
         draws_noise=True,
+        quality_map=(
+            "the score spread over latent positions (mean = score): per cross-attention layer, each "
+            "position's logits (mean over heads, tokens, both prompts) around the pooled term plus its "
+            "share of the denoising-error difference; mean over layers and timesteps"
+        ),
         training=TrainingDefaults(1e-4, 1e-2, 16, 10, 1.0, "GenzIQA: AdamW 1e-4, wd 1e-2, grad-clip 1.0, batch 16, 10 epochs"),
         extra={
             "prompts": ["Good Photo.", "Bad Photo."],
