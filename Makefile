@@ -6,7 +6,7 @@ STAMP := $(VENV)/.diqa-installed
 # Tests and the demo never reach a model hub.
 OFFLINE := HF_HUB_OFFLINE=1 DIQA_OFFLINE=1
 
-.PHONY: install test demo bench manifest clean
+.PHONY: install test demo readme-map bench manifest clean
 
 install: $(STAMP)
 
@@ -20,6 +20,12 @@ test: install
 
 demo: install
 	$(OFFLINE) $(BIN)/diqa demo
+
+# The README's map image: the overlay `diqa demo` writes for its half-noised photo.
+readme-map: install
+	rm -rf build/readme-map
+	$(OFFLINE) $(BIN)/diqa demo --out build/readme-map > /dev/null
+	cp build/readme-map/maps/patched.*.map.png docs/demo-map.png
 
 bench: install
 	$(OFFLINE) $(BIN)/python bench/bench.py
