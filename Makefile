@@ -6,7 +6,7 @@ STAMP := $(VENV)/.diqa-installed
 # Tests and the demo never reach a model hub.
 OFFLINE := HF_HUB_OFFLINE=1 DIQA_OFFLINE=1
 
-.PHONY: install test demo bench fuzz manifest clean
+.PHONY: install test demo readme-map bench fuzz manifest clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: install
 FUZZ_SECONDS ?= 300
 fuzz: install
 	$(OFFLINE) DIQA_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q tests/test_fuzz_decode.py
+
+# The README's map image: the overlay `diqa demo` writes for its half-noised photo.
+readme-map: install
+	rm -rf build/readme-map
+	$(OFFLINE) $(BIN)/diqa demo --out build/readme-map > /dev/null
+	cp build/readme-map/maps/patched.*.map.png docs/demo-map.png
 
 bench: install
 	$(OFFLINE) $(BIN)/python bench/bench.py

@@ -160,6 +160,73 @@ class Metric(nn.Module):
             return scores.mean() if self.lower_better else -scores.mean()
         return scores
 
+    def quality_map(self, inputs, *, raw: bool = False):
+        """Scores and quality maps of images: ``(scores (B,), maps)`` with each map at its input's
+        size, low values meaning "worse here" (see :mod:`diqa_cli.maps`; the spec's
+        ``map_description`` says how this method makes it). Maps are raw (the method's raw score
+        units), not normalised; scores are reported ones unless ``raw``.
+
+        ``inputs`` as for a call: a tensor (B, 3, H, W) or (3, H, W) in [0, 1] gives maps
+        (B, H, W); a path or PIL image gives (1, H, W) at the decoded image's size (EXIF rotation
+        applied, as ``diqa score --maps`` writes it); a list of paths or images gives a list of
+        (H_i, W_i) maps. No gradients flow to the inputs."""
+        from diqa_cli.maps.compute import quality_maps, resize_maps
+
+        if self.is_video:
+            raise UsageError(f"{self.spec.name} scores videos: write its frame maps with score_files(..., maps=DIR)")
+        if isinstance(inputs, torch.Tensor):
+            pixels = inputs[None] if inputs.ndim == 3 else inputs
+            self._check_pixels(pixels)
+            size = tuple(pixels.shape[-2:])
+            scores, maps = quality_maps(self.model, self._model_input(pixels.detach()))
+            maps = resize_maps(maps, size)
+            return (scores.float() if raw else self.reported(scores.float())), maps.cpu()
+        from PIL import Image
+
+        single = isinstance(inputs, (str, os.PathLike, Image.Image))
+        entries = [inputs] if single else list(inputs)
+        if not entries:
+            raise UsageError("nothing to map: an empty list")
+        scores, maps = [], []
+        for entry in entries:
+            array, size = self._map_input(entry)
+            score, grid = quality_maps(self.model, torch.from_numpy(array)[None].to(self.device, self.dtype))
+            scores.append(float(score[0]))
+            maps.append(resize_maps(grid, size)[0].cpu())
+        scores = torch.tensor(scores, dtype=torch.float32)
+        scores = scores if raw else self.reported(scores)
+        return scores, (maps[0][None] if single else maps)
+
+    def _map_input(self, entry):
+        """A path or PIL image -> (the model's (3, R, R) input as ``diqa score`` makes it, the
+        image's (H, W) after EXIF rotation)."""
+        from PIL import Image, ImageOps
+
+        from diqa_cli.imageio import load_image, pil_for_model, resize_for_model
+
+        if isinstance(entry, Image.Image):
+            width, height = ImageOps.exif_transpose(entry).size
+            return pil_for_model(entry, self.resolution, resample=self.resample), (height, width)
+        if isinstance(entry, (str, os.PathLike)):
+            image = load_image(os.fspath(entry))
+            return resize_for_model(image, self.resolution, resample=self.resample), image.shape[:2]
+        raise UsageError(f"cannot map a {type(entry).__name__}: pass a tensor, a path or a PIL image")
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise UsageError(f"{self.spec.name}: expected an RGB tensor (B, 3, H, W) or (3, H, W), got {tuple(pixels.shape)}")
+        if not pixels.is_floating_point():
+            raise UsageError(f"{self.spec.name}: expected float pixels in [0, 1], got {pixels.dtype}")
+
+    def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the model's (B, 3, R, R) on its device, resized in torch with
+        the method's filter (antialiased) as a tensor call does."""
+        size = self.resolution
+        if pixels.shape[-2:] != (size, size):
+            pixels = F.interpolate(pixels.float(), size=(size, size), mode=self.resample, antialias=True, align_corners=False)
+            pixels = pixels.clamp(0, 1)  # bicubic overshoots at sharp edges, as the file path clips
+        return pixels.to(self.device, self.dtype)
+
     def reported(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw model outputs on the head's reported scale (``raw * scale + offset``)."""
         return raw * self.normalisation["scale"] + self.normalisation["offset"]
@@ -167,15 +234,8 @@ class Metric(nn.Module):
     def _image_tensor(self, pixels: torch.Tensor, raw: bool) -> torch.Tensor:
         if pixels.ndim == 3:
             pixels = pixels[None]
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise UsageError(f"{self.spec.name}: expected an RGB tensor (B, 3, H, W) or (3, H, W), got {tuple(pixels.shape)}")
-        if not pixels.is_floating_point():
-            raise UsageError(f"{self.spec.name}: expected float pixels in [0, 1], got {pixels.dtype}")
-        size = self.resolution
-        if pixels.shape[-2:] != (size, size):
-            pixels = F.interpolate(pixels.float(), size=(size, size), mode=self.resample, antialias=True, align_corners=False)
-            pixels = pixels.clamp(0, 1)  # bicubic overshoots at sharp edges, as the file path clips
-        out = self.model(pixels.to(self.device, self.dtype)).float()
+        self._check_pixels(pixels)
+        out = self.model(self._model_input(pixels)).float()
         return out if raw else self.reported(out)
 
     def _video_tensor(self, frames: torch.Tensor, timestamps, raw: bool) -> torch.Tensor:
@@ -232,10 +292,12 @@ class Metric(nn.Module):
         fps_sub: float | None = None,
         max_frames: int | None = None,
         per_frame: bool = False,
+        maps: str | os.PathLike | None = None,
     ) -> Iterator[dict[str, Any]]:
         """The rows ``diqa score`` (``diqa score-video`` for video methods) writes for ``paths``:
         files, folders (``recursive`` descends) and glob patterns, expanded and de-duplicated as on
-        the command line; one row per input, error rows included, in order."""
+        the command line; one row per input, error rows included, in order. ``maps`` (a folder)
+        writes quality maps as ``--maps`` does, and ``ok`` rows name their overlay in ``map``."""
         from diqa_cli.imageio import expand_inputs
 
         video = {}
@@ -244,21 +306,27 @@ class Metric(nn.Module):
 
             video = {"extensions": VIDEO_EXTENSIONS, "kind": "video"}
         items = expand_inputs([os.fspath(p) for p in paths], recursive=recursive, **video)
+        writer = None
+        if maps is not None:
+            from diqa_cli.pipelines.maps import make_map_writer
+
+            writer = make_map_writer(maps, self.model)
         return self._rows(items, batch_size=batch_size, workers=workers, max_pixels=max_pixels, fps_sub=fps_sub,
-                          max_frames=max_frames, per_frame=per_frame)
+                          max_frames=max_frames, per_frame=per_frame, maps=writer)
 
     def _rows(self, items, *, batch_size: int = 8, workers: int = 2, max_pixels: int | None = None,
-              fps_sub: float | None = None, max_frames: int | None = None, per_frame: bool = False):
+              fps_sub: float | None = None, max_frames: int | None = None, per_frame: bool = False, maps=None):
         context = {"checkpoint": self.checkpoint}
         if self.is_video:
             from diqa_cli.pipelines.videos import score_videos
 
             rows = score_videos(items, self.model, self.clip_encoder, normalisation=self.normalisation,
-                                fps_sub=fps_sub, max_frames=max_frames, batch_size=batch_size, per_frame=per_frame)
+                                fps_sub=fps_sub, max_frames=max_frames, batch_size=batch_size, per_frame=per_frame,
+                                maps=maps)
         else:
             from diqa_cli.pipelines.images import score_images
 
             rows = score_images(items, self.model, batch_size=batch_size, workers=workers,
-                                normalisation=self.normalisation, max_pixels=max_pixels)
+                                normalisation=self.normalisation, max_pixels=max_pixels, maps=maps)
         for row in rows:
             yield {**row, **context}

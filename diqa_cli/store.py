@@ -61,7 +61,7 @@ _MIGRATIONS_TABLE = "_diqa_migrations"
 STORE_COLUMNS = (
     "path", "score", "raw_score", "status", "error", "method", "checkpoint_sha256",
     "backbone_identity", "seed", "resolution", "dtype", "diqa_version", "content_hash", "size",
-    "mtime", "seconds", "scored_at", "settings_key",
+    "mtime", "seconds", "scored_at", "settings_key", "map",
 )
 
 # --------------------------------------------------------------------------- migrations
@@ -106,6 +106,12 @@ def m001_scores(db: sqlite3.Connection) -> None:
     )
     db.execute("CREATE INDEX scores_reuse ON scores (content_hash, settings_key)")
     db.execute("CREATE INDEX scores_method_score ON scores (method, score)")
+
+
+@migration
+def m002_map(db: sqlite3.Connection) -> None:
+    # The quality-map overlay a run wrote for the row (``diqa score --maps``); NULL when none.
+    db.execute("ALTER TABLE scores ADD COLUMN map TEXT")
 
 
 def migrate(db: sqlite3.Connection, migrations: list | None = None) -> list[str]:
@@ -288,6 +294,7 @@ class ScoreStore:
             "error": row.get("error"),
             "seconds": row.get("seconds"),
             "scored_at": scored_at or _now(),
+            "map": row.get("map"),
         }
         names = ", ".join(values)
         marks = ", ".join("?" for _ in values)
@@ -502,14 +509,18 @@ class ReuseRun:
     files that need scoring are handed to the scorer, lazily, so its own batching and prefetch
     work as usual and rows stream out as soon as everything before them is done. Every row gets
     ``cached`` (True when reused). After iteration, ``reused`` and ``scored`` count the rows.
+    ``complete(row) -> bool``, when given, finishes a reused row before it is yielded (``diqa score
+    --maps`` writes its quality map); a row it changed is recorded again, keeping its score.
     """
 
-    def __init__(self, items: Iterable, scorer, store: ScoreStore, *, hash_workers: int = 2, prefetch: int = 64):
+    def __init__(self, items: Iterable, scorer, store: ScoreStore, *, hash_workers: int = 2, prefetch: int = 64,
+                 complete: Callable[[dict], bool] | None = None):
         self.items = items
         self.scorer = scorer
         self.store = store
         self.hash_workers = max(1, hash_workers)
         self.prefetch = max(1, prefetch)
+        self.complete = complete
         self.reused = 0
         self.scored = 0
 
@@ -586,6 +597,7 @@ class ReuseRun:
                 "method": settings.method,
                 "backbone": settings.backbone_ref,
                 "seconds": stored["seconds"],
+                "map": stored["map"],
                 "cached": True,
             }
             return _Entry(item, fp, row, stored)
@@ -605,10 +617,12 @@ class ReuseRun:
 
     def _keep_reused(self, entry: _Entry, settings: ScoreSettings) -> None:
         """A reused result found under another path (a moved or copied file), or under this path
-        with another size or mtime, is recorded for this path as it is now."""
+        with another size or mtime, or one that ``complete`` changed, is recorded for this path as
+        it is now."""
         stored, fp = entry.stored, entry.fp
+        completed = self.complete is not None and self.complete(entry.row)
         same_path = stored["path"] == os.fsdecode(_path_value(entry.row["path"]))
-        if same_path and (stored["size"], stored["mtime"]) == (fp.size, fp.mtime):
+        if same_path and (stored["size"], stored["mtime"]) == (fp.size, fp.mtime) and not completed:
             return
         self.store.record(entry.row, fp, settings, scored_at=stored["scored_at"])
 

@@ -248,7 +248,7 @@ def test_listing_and_help_never_import_torch(cli_env):
         "for args in (['--help'], ['methods'], ['methods', '--format', 'json'], ['score', '--help']):\n"
         "    sys.argv = ['diqa', *args]\n"
         "    try:\n        main()\n    except SystemExit as exc:\n        code = exc.code\n"
-        "    heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+        "    heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'matplotlib') if m in sys.modules)\n"
         "    print('RESULT', args, code, heavy, file=sys.stderr)\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], env=cli_env, capture_output=True, text=True, timeout=60)

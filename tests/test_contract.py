@@ -203,6 +203,15 @@ def test_any_tensor_size_is_resized_and_losses_reach_the_pixels(name, bundle, ti
     image = Image.fromarray((odd[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
     assert metric(image).shape == (1,)
 
+    # A quality map at the input's size: the method's own where its spec says how it is made (its
+    # model then implements QualityMapModel), else the generic one (the toy method).
+    from diqa_cli.models.base import QualityMapModel
+
+    map_scores, maps = metric.quality_map(odd)
+    assert maps.shape == (2, 71, 96) and torch.isfinite(maps).all() and maps.abs().sum() > 0
+    torch.testing.assert_close(map_scores, scores)
+    assert isinstance(metric.model, QualityMapModel) == bool(metric.spec.quality_map), name
+
 
 def test_a_path_that_cannot_be_scored_raises_a_diqa_error_naming_it(bundle, tmp_path):
     from diqa_cli import DiqaError, InputError
@@ -244,6 +253,11 @@ def test_video_method_keeps_the_contract(name, bundle, clip, run_main, tmp_path)
     # The API on the file == `diqa score-video` CSV; the decoded frames as a tensor == the file.
     expected = cli_scores(run_main, "score-video", [clip], head(bundle, name))
     assert metric(clip).tolist() == [expected[str(clip)]]
+    # Quality maps of the scored frames, one file pair per frame, the row naming the worst one.
+    (row,) = metric.score_files([clip], max_frames=2, maps=tmp_path / "maps")
+    assert row["status"] == "ok" and row["map"] in {str(p) for p in (tmp_path / "maps").glob("*.map.png")}
+    assert len(list((tmp_path / "maps").glob("*.map.tiff"))) == 2
+
     decoded = read_frames(str(clip))  # every frame
     frames = torch.from_numpy(decoded.frames).permute(0, 3, 1, 2).float() / 255
     from_tensor = metric(frames, timestamps=decoded.timestamps)

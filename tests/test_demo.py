@@ -51,3 +51,28 @@ def test_diqa_demo_prints_a_labelled_table_and_srcc(tmp_path):
     sidecar = json.loads((out / "dpiqa-tiny-demo.json").read_text())
     assert sidecar["method"] == "dpiqa" and sidecar["training"]["n_train"] == 84
     assert (tmp_path / "home" / "tiny" / "backbone" / "unet").is_dir()
+
+    # It ends with `diqa score --db --maps` and `diqa report`: the report's path on stderr, a map
+    # for every image (126 of the set and the half-noised photo) recorded in the database.
+    assert f"report of the scores and quality maps: {out / 'report.html'}" in stderr
+    assert (out / "report.html").is_file() and "data:image/jpeg" in (out / "report.html").read_text()
+    assert len(list((out / "maps").glob("*.map.png"))) == len(list((out / "maps").glob("*.map.tiff"))) == 127
+    assert len(list((out / "maps").glob("patched.*.map.png"))) == 1
+    from diqa_cli.store import open_store
+
+    with open_store(out / "scores.sqlite", create=False) as store:
+        rows = list(store.rows())
+    assert len(rows) == 127 and all(row["map"] and Path(row["map"]).is_file() for row in rows)
+
+
+@pytest.mark.slow
+def test_diqa_demo_without_out_keeps_only_its_report(tmp_path):
+    env = {**os.environ, "DIQA_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "DIQA_OFFLINE": "1"}
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("diqa")), "demo", "--epochs", "1"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = tmp_path / "home" / "demo" / "report.html"
+    assert f"report of the scores and quality maps: {report}" in result.stderr
+    assert report.is_file() and [p.name for p in (tmp_path / "home" / "demo").iterdir()] == ["report.html"]

@@ -298,10 +298,14 @@ def test_cli_keeps_size_and_mode_and_reports(run_main, dpiqa_head, photos, tmp_p
     for entry in record["images"]:
         assert entry["status"] == "ok"
         assert {"prior_before", "prior_after", "fidelity", "iterations", "seconds"} <= set(entry)
-    summaries = [line for line in stderr.splitlines() if " -> " in line]
-    assert len(summaries) == 3  # one per input; the rest are stage messages (loading the backbone…)
-    assert all(line.startswith(("diqa: loading", "diqa: computing", "diqa: embedding")) for line in stderr.splitlines()
-               if line not in summaries)
+    lines = [line for line in stderr.splitlines() if not line.startswith(("diqa: loading", "diqa: computing", "diqa: embedding"))]
+    assert len(lines) == 4 and all(" -> " in line for line in lines[:3])  # the rest: stage messages
+    # The PNG strip beside the report: a row per image (before, after, difference, prior curve).
+    strip = tmp_path / "report.png"
+    assert lines[3] == f"diqa: wrote {strip}"
+    with Image.open(strip) as picture:
+        picture.load()
+        assert picture.format == "PNG" and picture.size == (1000, 750)
 
 
 def test_cli_bad_inputs_are_reported_and_the_run_goes_on(run_main, dpiqa_head, photos, tmp_path):

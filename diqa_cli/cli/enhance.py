@@ -79,7 +79,9 @@ def enhance(
     ),
     report: Optional[Path] = typer.Option(
         None, "--report", show_default=False,
-        help="Write a JSON report (scores before/after, fidelity, iterations, times, seed, settings).",
+        help="Write a JSON report (scores before/after, fidelity, iterations, times, seed, settings) and, "
+        "with matplotlib (pip install 'diqa-cli[plots]'), a PNG strip beside it: before, after, amplified "
+        "difference and the prior by iteration.",
     ),
     seed: Optional[int] = typer.Option(
         None, "--seed", show_default=False,
@@ -173,6 +175,8 @@ def enhance(
     finally:
         if report is not None:
             _write_report(report, record)
+    if report is not None:
+        _write_strip(report, entries, max_pixels)
     failed = sum(entry["status"] == "error" for entry in entries)
     if failed:
         print(f"diqa: {failed} of {len(plans)} inputs failed", file=sys.stderr)
@@ -233,6 +237,21 @@ def _write_report(path: Path, record: dict) -> None:
     from diqa_cli.enhance import write_report
 
     write_report(path, {"diqa_version": diqa_cli.__version__, **record})
+
+
+def _write_strip(report: Path, entries: list[dict], max_pixels) -> None:
+    """The report's PNG strip, ``<report stem>.png`` beside it; without matplotlib a one-line
+    warning instead (the JSON report is written either way)."""
+    from diqa_cli.plots import enhance_strip
+
+    path = report.with_name(report.name + ".png") if report.suffix.lower() == ".png" else report.with_suffix(".png")
+    try:
+        written = enhance_strip(path, entries, max_pixels=max_pixels)
+    except UsageError as exc:
+        print(f"diqa: warning: no PNG strip beside the report: {exc}", file=sys.stderr)
+        return
+    if written is not None:
+        print(f"diqa: wrote {written}", file=sys.stderr)
 
 
 class _Progress(contextlib.AbstractContextManager):

@@ -70,6 +70,12 @@ def score(
         help="Score database (SQLite): record every result, and reuse those of files scored before with the same settings.",
         show_default=False,
     ),
+    maps: Path | None = typer.Option(
+        None, "--maps",
+        help="Write a quality map of every scored image into this folder (overlay PNG and raw float TIFF); "
+        "rows gain a `map` column. See `diqa methods` for how each method makes its map.",
+        show_default=False,
+    ),
     engine: str = typer.Option(
         "local", "--engine", help="local (this process) or ray (an actor pool; pip install 'diqa-cli[ray]')."
     ),
@@ -130,15 +136,23 @@ def score(
         batch_size=batch_size,
         workers=workers,
         max_pixels=max_pixels,
+        maps=str(maps) if maps is not None else None,
     )
+    if maps is not None and maps.exists() and not maps.is_dir():
+        raise UsageError(f"--maps {str(maps)!r} is a file; name a folder (it is created if missing)")
     from diqa_cli.store import ReuseRun, open_store
 
     with contextlib.ExitStack() as stack:
         # A bad --db fails here, before the model loads.
         store = stack.enter_context(open_store(db)) if db is not None else None
         scorer = stack.enter_context(open_engine(engine, options, ray_address=ray_address, ray_actors=ray_actors))
-        rows = ReuseRun(items, scorer, store, hash_workers=workers) if store is not None else scorer.score(items)
-        failed = _write_rows(items, rows, spec, checkpoint, fmt, cached_column=store is not None)
+        if store is not None:
+            # With --maps, results reused from the database get their maps written too.
+            complete = scorer.complete if maps is not None else None
+            rows = ReuseRun(items, scorer, store, hash_workers=workers, complete=complete)
+        else:
+            rows = scorer.score(items)
+        failed = _write_rows(items, rows, spec, checkpoint, fmt, cached_column=store is not None, map_column=maps is not None)
         if store is not None:
             print(f"diqa: reused {rows.reused} of {rows.reused + rows.scored} results from {db}", file=sys.stderr)
     if failed:
@@ -146,16 +160,19 @@ def score(
     raise typer.Exit(EXIT_PARTIAL if failed else EXIT_OK)
 
 
-def _write_rows(items, rows, spec, checkpoint, fmt: str, *, cached_column: bool) -> int:
+def _write_rows(items, rows, spec, checkpoint, fmt: str, *, cached_column: bool, map_column: bool = False) -> int:
     """Write ``rows`` to stdout as they come; returns how many failed."""
+    from diqa_cli.maps import MAP_COLUMN
     from diqa_cli.scoring import checkpoint_label
 
     # The released weights' manifest name stands for the checkpoint when none was given.
     context = {"checkpoint": checkpoint_label(checkpoint, spec)}
 
     failed = 0
-    # With --db, JSON rows say whether they were reused from it.
+    # With --db, JSON rows say whether they were reused from it; with --maps, rows name their map.
     columns = (*columns_for(fmt), "cached") if cached_column and fmt in ("json", "jsonl") else columns_for(fmt)
+    if map_column:
+        columns = (*columns, MAP_COLUMN)
     with progress_bar(len(items)) as progress:
         stdout_console = progress.console if progress is not None and same_terminal() else None
         path_width = max((len(str(item.path)) for item in items), default=4)
@@ -212,6 +229,7 @@ def methods(
             ("weights", ", ".join(spec.released_weights) or "none released"),
             ("licence", spec.licence),
             ("paper", spec.paper + (" (reconstruction: no released code)" if spec.reconstruction else "")),
+            ("map", spec.map_description),
         ):
             facts.add_row(key, Text(value))
         console.print(facts)

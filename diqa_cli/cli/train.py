@@ -180,10 +180,17 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
         fmt: str = typer.Option("table", "--format", "-f", help="table | json"),
         offline: bool = typer.Option(False, "--offline", help="never touch the network"),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="also write a PNG: predicted score against MOS with the 4-parameter logistic fit, SRCC and PLCC (needs matplotlib: pip install 'diqa-cli[plots]')"),
     ) -> None:
         """Score a labelled set and print SRCC, PLCC (no logistic fit) and KRCC."""
         if fmt not in ("table", "json"):
             raise UsageError(f"unknown --format {fmt!r} for eval; choose table or json")
+        if plot is not None:
+            from diqa_cli.plots import require_matplotlib
+
+            require_matplotlib("--plot")  # before any scoring
+            if plot.is_dir():
+                raise UsageError(f"--plot {str(plot)!r} is a directory; name a .png file")
         from diqa_cli.training import evaluate
 
         result = evaluate(
@@ -198,8 +205,16 @@ def register(app: typer.Typer) -> None:
             dtype=dtype,
             offline=offline_requested(offline),
             log=_log,
+            keep_scores=plot is not None,
         )
         _log(f"diqa: {result['method']} head on split {result['split']!r} of {data}; PLCC without logistic fit")
+        if plot is not None:
+            from diqa_cli.plots import eval_plot
+
+            predicted, target = result.pop("predicted"), result.pop("target")
+            fit = eval_plot(plot, predicted, target, label=f"{result['method']} on split {result['split']} of {data.name}")
+            fitted = f"{fit['plcc_fitted']:.4f}" if fit["plcc_fitted"] is not None else "no fit"
+            _log(f"diqa: wrote {plot} (PLCC after the logistic fit: {fitted})")
         if fmt == "json":
             typer.echo(json.dumps(result))
         else:

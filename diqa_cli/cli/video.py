@@ -84,6 +84,12 @@ def score_video(
         None, "--seed", help="Seed of the noise bank. Default: the one recorded in the checkpoint.", show_default=False,
     ),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
+    maps: Path | None = typer.Option(
+        None, "--maps",
+        help="Write a quality map of every scored frame into this folder (overlay PNG and raw float TIFF, named "
+        "by the frame's time); rows gain a `map` column naming the worst frame's overlay.",
+        show_default=False,
+    ),
 ) -> None:
     """Score videos; one row per video on stdout.
 
@@ -106,6 +112,8 @@ def score_video(
         raise UsageError(f"--fps-sub must be a positive number of frames per second, got {fps_sub}")
     if not paths:
         raise UsageError("no inputs: pass video paths, folders, quoted glob patterns, or '-' to read paths from stdin")
+    if maps is not None and maps.exists() and not maps.is_dir():
+        raise UsageError(f"--maps {str(maps)!r} is a file; name a folder (it is created if missing)")
     if checkpoint is not None:
         from diqa_cli.checkpoint import read_sidecar
 
@@ -137,6 +145,14 @@ def score_video(
         slowfast, relative_to=checkpoint.parent if checkpoint is not None else None, offline=offline
     )
     context = {"checkpoint": str(checkpoint) if checkpoint is not None else None}
+    map_writer = None
+    columns = _columns(fmt, per_frame)
+    if maps is not None:
+        from diqa_cli.maps import MAP_COLUMN
+        from diqa_cli.pipelines.maps import make_map_writer
+
+        map_writer = make_map_writer(maps, model)
+        columns = (*columns, MAP_COLUMN)
 
     failed = 0
     with progress_bar(len(items)) as progress:
@@ -144,12 +160,12 @@ def score_video(
         path_width = max((len(str(item.path)) for item in items), default=4)
         try:
             with open_writer(
-                fmt, sys.stdout, columns=_columns(fmt, per_frame), path_width=path_width, console=stdout_console
+                fmt, sys.stdout, columns=columns, path_width=path_width, console=stdout_console
             ) as writer:
                 rows = score_videos(
                     items, model, extractor, normalisation=sidecar["score_normalisation"], fps_sub=fps_sub,
                     max_frames=max_frames, max_clips=max_clips, decoder=decoder, batch_size=batch_size,
-                    per_frame=per_frame,
+                    per_frame=per_frame, maps=map_writer,
                 )
                 with contextlib.closing(rows):  # stops the decoding thread on Ctrl-C or a closed pipe
                     for row in rows:

@@ -38,6 +38,7 @@ class ScorerOptions:
     batch_size: int = 8
     workers: int = 2
     max_pixels: int | None = None
+    maps: str | None = None  # folder for quality maps (``--maps``); local engine only
 
     def load(self):
         """``(model, sidecar)`` as ``scoring.load_scorer`` builds them."""
@@ -69,7 +70,16 @@ class ScorerOptions:
             workers=self.workers,
             normalisation=sidecar["score_normalisation"],
             max_pixels=self.max_pixels,
+            maps=self.map_writer(model),
         )
+
+    def map_writer(self, model):
+        """The quality-map writer of ``--maps``, or None."""
+        if self.maps is None:
+            return None
+        from diqa_cli.pipelines.maps import make_map_writer
+
+        return make_map_writer(self.maps, model)
 
 
 class LocalEngine:
@@ -78,12 +88,22 @@ class LocalEngine:
     def __init__(self, options: ScorerOptions):
         self.options = options
         self.model, self.sidecar = options.load()
+        self._maps = options.map_writer(self.model)
 
     def settings(self):
         return self.options.settings(self.model, self.sidecar)
 
     def score(self, items):
         return self.options.score(items, self.model, self.sidecar)
+
+    def complete(self, row: dict) -> bool:
+        """Finish a row this engine did not score (reused from a score database): with ``maps``,
+        write its quality map. True when the row changed."""
+        if self._maps is None:
+            return False
+        from diqa_cli.pipelines.maps import map_row
+
+        return map_row(self.model, self._maps, row, max_pixels=self.options.max_pixels)
 
     def close(self) -> None:
         self.model = None
@@ -103,6 +123,8 @@ def open_engine(name: str, options: ScorerOptions, *, ray_address: str | None = 
             raise UsageError("--ray-address and --ray-actors need --engine ray")
         return LocalEngine(options)
     if name == "ray":
+        if options.maps is not None:
+            raise UsageError("--maps writes its files where diqa runs, so it needs --engine local (the default)")
         from diqa_cli.engines.ray_engine import RayEngine
 
         return RayEngine(options, address=ray_address, actors=ray_actors)

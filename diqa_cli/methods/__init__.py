@@ -18,6 +18,7 @@ from diqa_cli.errors import UsageError
 
 __all__ = [
     "COMMANDS",
+    "GENERIC_QUALITY_MAP",
     "MethodSpec",
     "ScoreNormalisation",
     "BACKBONE_CORE",
@@ -33,6 +34,12 @@ __all__ = [
 # The commands a method can be the default of (``MethodSpec.default_for``).
 COMMANDS = ("score", "score-video", "enhance")
 
+# How the quality map of a method without its own (``MethodSpec.quality_map`` empty, and a model
+# that is not a ``models.base.QualityMapModel``) is made: ``diqa_cli.maps.compute.detail_map``.
+GENERIC_QUALITY_MAP = (
+    "generic: gradient of the score times the image's fine detail (the image minus a blurred copy), "
+    "summed over colour, smoothed; first-order score change if the detail there were blurred away"
+)
 
 
 @dataclass(frozen=True)
@@ -114,16 +121,25 @@ class MethodSpec:
     weights: tuple[WeightsPart, ...] = ()  # what scoring with the released setup reads (`weights pull --for`)
     frames_per_video: int | None = None  # video methods: frames scored per video by default
     training_frames_per_video: int | None = None  # video methods: frames per video in training
+    # How the model's own quality map is made, one line (its model implements
+    # ``models.base.QualityMapModel`` / ``VideoQualityMapModel``); empty: the generic map.
+    quality_map: str = ""
     extra: dict = field(default_factory=dict)  # descriptive only (shown by ``diqa methods``)
 
     @property
     def score_direction(self) -> str:
         return "lower is better" if self.lower_better else "higher is better"
 
+    @property
+    def map_description(self) -> str:
+        """How ``diqa score --maps`` makes this method's quality map (its own, else the generic one)."""
+        return self.quality_map or GENERIC_QUALITY_MAP
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["timesteps"] = list(self.timesteps)
         data["score_direction"] = self.score_direction
+        data["quality_map"] = self.map_description
         return data
 
 

@@ -42,6 +42,10 @@ SPEC = register_method(
         # Released heads regress the training label divided by 100; scale 100 reports that label.
         released_normalisation=ScoreNormalisation(0.0, 100.0),
         feature_layers=("up.0", "up.1", "up.2", "up.3"),
+        quality_map=(
+            "per-location contribution of the QFD's 8-channel feature map to the score through the FC "
+            "head (gradient x activation, summed over channels), on the latent grid (R/8)"
+        ),
         training=TrainingDefaults(1e-5, 0.0, 16, 30, None, "DP-IQA train_dpiqa.py / build.py: Adam 1e-5, batch 16, 30 epochs"),
         default_for=("score",),
         weights=(

@@ -40,6 +40,10 @@ SPEC = register_method(
         needs_backbone=False,
         weights=(WeightsPart("dpiqa-student-koniq", purpose="released head (KonIQ-10k)", role="head"),),
         teacher="dpiqa",
+        quality_map=(
+            "per-location contribution of the 8-channel feature map to the score through the FC head "
+            "(gradient x activation, summed over channels), R/8 grid, as the teacher's"
+        ),
         training=TrainingDefaults(1e-4, 0.0, 24, 30, None, "DP-IQA train_student.py: Adam 1e-4, batch 24, 30 epochs"),
         extra={
             "feature_map": "(8, R/8, R/8), matched to the teacher's map in distillation",

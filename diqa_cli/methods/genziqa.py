@@ -48,6 +48,11 @@ SPEC = register_method(
                 purpose="backbone, with its text encoder for the learned prompts", role="backbone",
             ),
         ),
+        quality_map=(
+            "the score spread over latent positions (mean = score): per cross-attention layer, each "
+            "position's logits (mean over heads, tokens, both prompts) around the pooled term plus its "
+            "share of the denoising-error difference; mean over layers and timesteps"
+        ),
         training=TrainingDefaults(1e-4, 1e-2, 16, 10, 1.0, "GenzIQA: AdamW 1e-4, wd 1e-2, grad-clip 1.0, batch 16, 10 epochs"),
         extra={
             "prompts": ["Good Photo.", "Bad Photo."],

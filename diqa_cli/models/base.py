@@ -177,6 +177,33 @@ class FeatureMapModel(Protocol):
 
 
 @runtime_checkable
+class QualityMapModel(Protocol):
+    """Makes its own quality map from its own computation (the spec's ``quality_map`` says how, in
+    one line). A model without this capability gets the generic map of
+    :func:`diqa_cli.maps.compute.detail_map`.
+
+    Convention: **low values mean "worse here"** for a method where higher scores are better (the
+    generic code negates the maps of ``lower_better`` methods, so the convention holds for all), in
+    score units, not normalised (``diqa_cli.maps`` normalises for display only)."""
+
+    def quality_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, R, R) in [0, 1] -> ((B,) raw scores, equal to ``forward``'s, and (B, h, w) maps
+        on the model's own grid, which generic code resizes to the input's size)."""
+
+
+@runtime_checkable
+class VideoQualityMapModel(Protocol):
+    """A video model's own quality maps, one per scored frame (GenzVQA); a video model without it
+    gets the generic map of each frame through the video score (:func:`diqa_cli.maps.compute.video_detail_maps`)."""
+
+    def video_quality_maps(
+        self, frames: torch.Tensor, clip_features: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One video's chosen frames (F, 3, R, R) in [0, 1] and its clip features -> ((F,) raw
+        frame scores and (F, h, w) maps, low = worse here)."""
+
+
+@runtime_checkable
 class ReleasedCheckpoint(Protocol):
     """Reads the released code's checkpoint layout (``diqa weights convert --method``)."""
 

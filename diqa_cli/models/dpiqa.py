@@ -21,6 +21,10 @@ diqa then trains its own copy of the U-Net, which is part of the checkpoint. Par
 ``gamma``, ``text_adapter.*``, ``img_adapter.*``, ``QFD.*``), so a converted released state
 dict loads unchanged.
 
+Quality map (``diqa score --maps``; not in the paper): the per-location contribution of the
+QFD's 8-channel feature map to the score through the FC head, gradient × activation summed over
+channels, on the latent grid (R/8); its mean is the FC head's first-order score without its bias.
+
 Departures from the released code:
 
 * the VAE posterior mean, not a sample: the same image always gets the same score;
@@ -134,9 +138,13 @@ class QualityFeatureDecoder(nn.Module):
         feature_map = fused
         for index in range(1, self._score_convs + 1):
             feature_map = F.relu(getattr(self, f"conv_score{index}")(feature_map))
+        return self.head(feature_map), feature_map
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """The 8-channel feature map (B, 8, h, w) -> (B,) scores: the three FC layers."""
         x = F.relu(self.fc1(feature_map.flatten(1)))
         x = F.relu(self.fc2(x))
-        return self.fc3(x).squeeze(-1), feature_map
+        return self.fc3(x).squeeze(-1)
 
 
 class DPIQA(QualityModel):
@@ -283,6 +291,16 @@ class DPIQA(QualityModel):
         with UNetTaps(self.unet, list(FEATURE_LAYERS)) as taps:
             features = taps(latents, timestep, context, down_intrablock_additional_residuals=residuals)
         return self.QFD(*(features[name].to(head_dtype) for name in _QFD_ORDER))
+
+    def quality_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B,) and the quality map (B, R/8, R/8): each latent cell's contribution to the
+        score through the QFD's FC head, gradient × activation of the 8-channel feature map summed
+        over its channels (:func:`diqa_cli.maps.compute.contribution_map`)."""
+        from diqa_cli.maps.compute import contribution_map
+
+        with torch.no_grad():
+            scores, feature_map = self.forward_with_map(pixels)
+        return scores, contribution_map(feature_map, self.QFD.head)
 
     def feature_layers(self) -> list[str]:
         return list(FEATURE_LAYERS)

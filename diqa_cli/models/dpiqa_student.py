@@ -11,6 +11,9 @@ The student needs no diffusion backbone: it is built with ``backbone=None`` (the
 says ``needs_backbone: False``) and then takes its sizes from its own config. Given a backbone
 (distillation builds it on the teacher's), it takes the resolution and map size from it.
 
+Quality map (``diqa score --maps``): as the teacher's, the per-location contribution of the
+8-channel feature map to the score through the FC head (gradient × activation).
+
 Departures from the released code:
 
 * ImageNet initialisation for training from scratch is opt-in,
@@ -110,9 +113,22 @@ class DPIQAStudent(QualityModel):
         feature_map = F.relu(self.conv_transpose(grid))
         size = self.config["map_size"]
         feature_map = F.interpolate(feature_map, size=(size, size), mode="nearest")
+        return self.head(feature_map), feature_map
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """The feature map (B, 8, h, w) -> (B,) scores: the three FC layers."""
         x = F.relu(self.fc1(feature_map.flatten(1)))
         x = F.relu(self.fc2(x))
-        return self.fc3(x).squeeze(-1), feature_map
+        return self.fc3(x).squeeze(-1)
+
+    def quality_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B,) and the quality map (B, R/8, R/8), made as the teacher's: each cell's
+        contribution to the score through the FC head (gradient × activation of the 8-channel map)."""
+        from diqa_cli.maps.compute import contribution_map
+
+        with torch.no_grad():
+            scores, feature_map = self.forward_with_map(pixels)
+        return scores, contribution_map(feature_map, self.head)
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:

@@ -17,6 +17,11 @@ How an image is scored (as the released code sh-r/GenzIVQA does it):
 6. Image score = mean over layers and timesteps. There is no head: what is learned is the LoRA
    and the context vectors, trained by MSE against MOS at random t ∈ [0, 100) with fresh noise.
 
+Quality map (``diqa score --maps``; not in the paper): the score spread over the latent positions
+so that its mean is the score. Per layer, the position's logits (averaged over heads, tokens and
+both prompts) around the pooled term, plus each position's share of the denoising-error
+difference; averaged over layers and timesteps (:meth:`GenzIQA.layer_maps`).
+
 Where diqa departs from the released code (each also in the method spec):
 
 * VAE posterior mean instead of a sample.
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from typing import Any
 
 import torch
@@ -228,37 +234,77 @@ class GenzIQA(QualityModel):
         std = pixels.new_tensor(_CLIP_STD).view(1, 3, 1, 1)
         return self.backbone.encode((pixels - mean) / std)
 
-    def _pair_scores(self, x0, noise, timesteps, context, queries: bool):
+    def _pair_scores(self, x0, noise, timesteps, context, queries: bool, maps: bool = False):
         """Layer scores (P, L) of P (latent, noise, timestep) triples, each run with both prompts
-        in one U-Net batch of 2P rows; with ``queries``, also {layer: (P, 2, C_l)} query means."""
+        in one U-Net batch of 2P rows; with ``queries``, also {layer: (P, 2, C_l)} query means;
+        with ``maps``, also the layer scores per latent position (P, L, h, w) (:meth:`_layer_maps`)."""
         pairs = x0.shape[0]
         alpha_bar = self.backbone.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * x0.float() + (1 - alpha_bar).sqrt() * noise.float()
         sample = noisy.repeat_interleave(2, dim=0).to(self.backbone.dtype)  # rows: good, bad, good, …
-        with self._recorder as record:
-            eps_hat = self.unet(
-                sample, timesteps.repeat_interleave(2), encoder_hidden_states=context.repeat(pairs, 1, 1)
-            ).sample
-            # Mean over both prompt rows, heads and tokens (the released per-layer reduction).
-            attention = torch.stack([record.pooled[name].reshape(pairs, -1).mean(dim=1) for name in self._layers], 1)
-            query_means = (
-                {name: record.query_means[name].reshape(pairs, 2, -1).float() for name in self._layers}
-                if queries
-                else None
-            )
-        errors = (noise.float().repeat_interleave(2, dim=0) - eps_hat.float()).flatten(1).norm(dim=1).view(pairs, 2)
+        self._recorder.spatial = maps
+        try:
+            with self._recorder as record:
+                eps_hat = self.unet(
+                    sample, timesteps.repeat_interleave(2), encoder_hidden_states=context.repeat(pairs, 1, 1)
+                ).sample
+                # Mean over both prompt rows, heads and tokens (the released per-layer reduction).
+                attention = torch.stack([record.pooled[name].reshape(pairs, -1).mean(dim=1) for name in self._layers], 1)
+                query_means = (
+                    {name: record.query_means[name].reshape(pairs, 2, -1).float() for name in self._layers}
+                    if queries
+                    else None
+                )
+                positions = dict(record.position_logits) if maps else None
+        finally:
+            self._recorder.spatial = False
+        residual = noise.float().repeat_interleave(2, dim=0) - eps_hat.float()
+        errors = residual.flatten(1).norm(dim=1).view(pairs, 2)
         bias = errors[:, 0] - errors[:, 1]
-        return attention + bias[:, None], query_means
+        scores = attention + bias[:, None]
+        if not maps:
+            return scores, query_means
+        return scores, query_means, self._layer_maps(attention, positions, residual, errors)
 
-    def _chunked(self, x0, noise, timesteps, context, queries: bool):
+    def _layer_maps(self, attention, positions, residual, errors) -> torch.Tensor:
+        """Each layer score of P pairs spread over the latent positions, (P, L, h, w), such that its
+        mean over positions is the layer score:
+
+        * attention term: the layer's logits at each position averaged over heads, tokens and both
+          prompts, minus their spatial mean, plus the pooled term (log-sum-exp pooling is the soft
+          maximum over positions; the spread around it is the positions' own logits), nearest-
+          upsampled from the layer's grid to the latent's;
+        * denoising-error term ‖e_good‖ − ‖e_bad‖: each position's share e(n)²/‖e‖ of each norm
+          (they sum to the norms), times the positions, good minus bad."""
+        pairs = attention.shape[0]
+        h, w = residual.shape[-2:]
+        squared = residual.square().sum(dim=1).view(pairs, 2, h, w)
+        shares = squared / errors.clamp_min(1e-12)[:, :, None, None] * (h * w)
+        bias = shares[:, 0] - shares[:, 1]
+        layers = []
+        for index, name in enumerate(self._layers):
+            logits = positions[name].float().view(pairs, 2, -1).mean(dim=1)  # (P, N_l)
+            side = math.isqrt(logits.shape[1])
+            if side * side != logits.shape[1] or h % side or w % side:
+                raise RuntimeError(f"GenzIQA quality maps need square inputs; layer {name} has {logits.shape[1]} positions")
+            spread = (logits - logits.mean(dim=1, keepdim=True)).view(pairs, 1, side, side)
+            spread = F.interpolate(spread, size=(h, w), mode="nearest")[:, 0]
+            layers.append(spread + attention[:, index, None, None] + bias)
+        return torch.stack(layers, dim=1)
+
+    def _chunked(self, x0, noise, timesteps, context, queries: bool, maps: bool = False):
         per_call = self.config["unet_batch"] // 2
-        scores, query_parts = [], []
+        scores, query_parts, map_parts = [], [], []
         for start in range(0, x0.shape[0], per_call):
             part = slice(start, start + per_call)
-            layer, query_means = self._pair_scores(x0[part], noise[part], timesteps[part], context, queries)
-            scores.append(layer)
-            query_parts.append(query_means)
+            out = self._pair_scores(x0[part], noise[part], timesteps[part], context, queries, maps)
+            scores.append(out[0])
+            query_parts.append(out[1])
+            if maps:
+                map_parts.append(out[2])
         merged = {name: torch.cat([q[name] for q in query_parts]) for name in self._layers} if queries else None
+        if maps:
+            return torch.cat(scores), merged, torch.cat(map_parts)
         return torch.cat(scores), merged
 
     # --- public API --------------------------------------------------------------------------
@@ -291,6 +337,31 @@ class GenzIQA(QualityModel):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) in [0, 1] -> (B,) scores: mean over layers and timesteps."""
         return self.layer_scores(pixels).mean(dim=1)
+
+    def layer_maps(self, pixels: torch.Tensor, *, return_query_features: bool = False):
+        """:meth:`layer_scores` (B, L) with each layer score spread over the latent positions,
+        (B, L, h, w), averaged over the scoring timesteps (:meth:`_layer_maps` says how; the mean
+        of a layer's map over positions is its score); with ``return_query_features``, also the
+        query features :meth:`layer_scores` gives. No gradients."""
+        steps = [int(t) for t in self.config["timesteps"]]
+        with torch.no_grad():
+            latents = self._encode(pixels)
+            images, count = latents.shape[0], len(steps)
+            noise = self._noise_bank(count, tuple(latents.shape[1:])).to(latents.device).repeat(images, 1, 1, 1)
+            x0 = latents.repeat_interleave(count, dim=0)
+            t = torch.tensor(steps, device=latents.device).repeat(images)
+            layers, queries, maps = self._chunked(x0, noise, t, self._prompt_context(), return_query_features, True)
+        scores = layers.view(images, count, -1).mean(dim=1)
+        maps = maps.view(images, count, *maps.shape[1:]).mean(dim=1)
+        if not return_query_features:
+            return scores, maps
+        return scores, maps, {name: q.view(images, count, 2, -1) for name, q in queries.items()}
+
+    def quality_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B,) and the quality map (B, R/8, R/8): the score spread over the latent
+        positions, averaged over layers and timesteps (its mean over positions is the score)."""
+        layers, maps = self.layer_maps(pixels)
+        return layers.mean(dim=1), maps.mean(dim=1)
 
     def training_loss(self, pixels: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """MSE of the score at one random t ∈ [0, 100) per image, with fresh noise from

@@ -22,6 +22,9 @@ How a video is scored:
 5. Video score = mean over layers of γ_l × (layer score averaged over frames). Each frame's own
    score is mean over layers of γ_l × its layer score; the video score is their mean.
 
+Quality maps (``diqa score-video --maps``; not in the paper): one per scored frame, GenzIQA's map
+of each cross-attention layer weighted by the modulator's γ of that layer, averaged over layers.
+
 Where diqa departs from the released code (each also in the method spec): GenzIQA's departures
 (posterior mean, seeded noise bank, no test-time flips, per-frame layer scores, peft LoRA);
 frames picked by timestamp; SlowFast features computed in the run from one clip per second
@@ -285,6 +288,19 @@ class GenzVQA(GenzIQA):
         layers, queries = frame_features
         slow, fast = clip_features
         return self._video_score(layers, queries, slow, fast)
+
+    def video_quality_maps(self, frames: torch.Tensor, clip_features: tuple[torch.Tensor, ...]):
+        """One video's chosen frames (F, 3, R, R) in [0, 1] and its (slow, fast) SlowFast features ->
+        ((F,) raw frame scores, (F, R/8, R/8) maps): each frame's GenzIQA layer maps
+        (:meth:`GenzIQA.layer_maps`) weighted by the modulator's γ of the layer and averaged over
+        layers, so a frame map's mean is the frame's score."""
+        slow, fast = clip_features
+        layers, maps, queries = self.layer_maps(frames, return_query_features=True)
+        with torch.no_grad():
+            gamma, _ = self.modulate({name: q[:, -1] for name, q in queries.items()}, slow, fast)
+        gamma = gamma.float()
+        frame_scores = (layers.float() * gamma).mean(dim=1)
+        return frame_scores, (maps.float() * gamma[None, :, None, None]).mean(dim=1)
 
     def video_scores(self, frame_batches: Iterable[torch.Tensor], slow: torch.Tensor, fast: torch.Tensor) -> VideoScore:
         """Score one video whose frames arrive in batches (B, 3, R, R) in [0, 1], with its SlowFast

@@ -24,7 +24,17 @@ __all__ = [
     "cross_attention_layer_names",
     "install_pooled_logit_processors",
     "pooled_logits",
+    "scaled_logits",
 ]
+
+
+def scaled_logits(query: torch.Tensor, key: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """(B, heads, N, d) queries and (B, heads, M, d) keys -> (B, heads, N, M) float32 logits
+    ``q·kᵀ/√d`` (plus ``attention_mask``, the additive bias SDPA got)."""
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
+    if attention_mask is not None:
+        logits = logits + attention_mask.float()
+    return logits
 
 
 def pooled_logits(query: torch.Tensor, key: torch.Tensor, temperature: float, attention_mask=None) -> torch.Tensor:
@@ -33,9 +43,7 @@ def pooled_logits(query: torch.Tensor, key: torch.Tensor, temperature: float, at
 
     Computed in float32 whatever the U-Net's dtype, since the sum runs over up to 4096
     positions (SD at 512 px). ``attention_mask`` is the additive bias SDPA got."""
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
-    if attention_mask is not None:
-        logits = logits + attention_mask.float()
+    logits = scaled_logits(query, key, attention_mask)
     return torch.logsumexp(temperature * logits, dim=-2) / temperature
 
 
@@ -43,16 +51,21 @@ class CrossAttentionRecorder:
     """What the pooled-logit processors report during one U-Net call, by layer name.
 
     Recording is on only inside ``with recorder:``, so a U-Net call outside it costs nothing
-    extra and leaves no tensors behind; entering clears what an earlier call left."""
+    extra and leaves no tensors behind; entering clears what an earlier call left. With
+    ``spatial`` set, each layer's logits averaged over heads and tokens are kept per position too
+    (``position_logits``: the quality maps)."""
 
     def __init__(self):
         self.active = False
+        self.spatial = False
         self.pooled: dict[str, torch.Tensor] = {}  # name -> (B, heads, tokens)
         self.query_means: dict[str, torch.Tensor] = {}  # name -> (B, channels)
+        self.position_logits: dict[str, torch.Tensor] = {}  # name -> (B, positions), when spatial
 
     def clear(self) -> None:
         self.pooled.clear()
         self.query_means.clear()
+        self.position_logits.clear()
 
     def __enter__(self) -> CrossAttentionRecorder:
         self.clear()
@@ -113,7 +126,11 @@ class PooledLogitAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if recording:
+        if recording and self.recorder.spatial:
+            logits = scaled_logits(query, key, attention_mask)
+            self.recorder.pooled[self.name] = torch.logsumexp(self.temperature * logits, dim=-2) / self.temperature
+            self.recorder.position_logits[self.name] = logits.mean(dim=(1, 3))
+        elif recording:
             self.recorder.pooled[self.name] = pooled_logits(query, key, self.temperature, attention_mask)
 
         hidden_states = F.scaled_dot_product_attention(

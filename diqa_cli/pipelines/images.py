@@ -30,6 +30,7 @@ def score_images(
     normalisation: dict,
     progress: Callable[[dict], None] | None = None,
     max_pixels: int | None = None,
+    maps=None,
 ) -> Iterator[dict[str, Any]]:
     """Score ``items`` (``imageio.InputItem`` or plain paths) with ``model``; yields one row per
     item, in order.
@@ -40,6 +41,11 @@ def score_images(
     ``progress`` is called with each row as it is yielded; ``max_pixels`` is the decoder's
     decompression-bomb limit (``imageio.max_pixels_limit``). Images are resized with the filter
     of the method's released transform (``MethodSpec.resample``).
+
+    ``maps`` (a :class:`~diqa_cli.maps.writer.MapWriter`, ``diqa score --maps``): each batch's
+    quality maps come from the same pass as its scores (:func:`diqa_cli.maps.compute.quality_maps`)
+    and every ``ok`` row gets ``map``, the overlay written for it (see
+    :mod:`diqa_cli.pipelines.maps`). Without it nothing about maps is computed.
     """
     import numpy as np
     import torch
@@ -52,15 +58,21 @@ def score_images(
     context = {"method": model.method_name, "backbone": str(model.backbone.ref) if model.backbone is not None else None}
     model.eval()
 
-    def forward(arrays: list) -> list[float]:
+    def forward(arrays: list) -> tuple[list[float], Any]:
         pixels = torch.from_numpy(np.stack(arrays)).to(device=device, dtype=dtype)
-        # no_grad rather than inference_mode: a method may switch gradients back on inside its
-        # forward (guided sampling), which inference-mode tensors would forbid.
-        with torch.no_grad():
-            raw = model(pixels)
+        grids = None
+        if maps is not None:
+            from diqa_cli.maps.compute import quality_maps
+
+            raw, grids = quality_maps(model, pixels)  # switches gradients on where it needs them
+        else:
+            # no_grad rather than inference_mode: a method may switch gradients back on inside its
+            # forward (guided sampling), which inference-mode tensors would forbid.
+            with torch.no_grad():
+                raw = model(pixels)
         if raw.shape != (len(arrays),):
             raise RuntimeError(f"model returned shape {tuple(raw.shape)} for a batch of {len(arrays)}")
-        return raw.float().cpu().tolist()
+        return raw.float().cpu().tolist(), grids
 
     def finish(row: dict, raw: float, seconds: float) -> None:
         if not math.isfinite(raw):
@@ -74,7 +86,7 @@ def score_images(
     def run(batch: list[tuple[dict, Any]]) -> None:
         start = time.perf_counter()
         try:
-            raws = forward([array for _, array in batch])
+            raws, grids = forward([array for _, array in batch])
         except Exception as exc:  # noqa: BLE001 - any failure falls back to one image at a time
             if len(batch) == 1:
                 fail(batch[0][0], exc)
@@ -85,8 +97,12 @@ def score_images(
                 run([one])
             return
         seconds = (time.perf_counter() - start) / len(batch)
-        for (row, _), raw in zip(batch, raws):
+        for index, ((row, _), raw) in enumerate(zip(batch, raws)):
             finish(row, raw, seconds)
+            if grids is not None and row["status"] == "ok":
+                from diqa_cli.pipelines.maps import write_row_map
+
+                write_row_map(maps, row, grids[index], max_pixels=max_pixels)
 
     queue: deque[dict] = deque()  # rows in input order; status None while still being scored
     batch: list[tuple[dict, Any]] = []

@@ -73,10 +73,12 @@ def default_frames(model, *, training: bool = False) -> int:
     return chosen or spec.frames_per_video or _DEFAULT_FRAMES
 
 
-def _decode_items(path, *, model, encoder, fps_sub, max_frames, max_clips, decoder, batch, state: _Decoded):
+def _decode_items(path, *, model, encoder, fps_sub, max_frames, max_clips, decoder, batch, state: _Decoded,
+                  keep_frames: bool = False):
     """Yield ("clip", (3, T, S, S) float32) for every encoder clip (none when ``encoder`` is
-    None), then ("frames", (timestamps, (b, 3, R, R) float32)) for the chosen frames in batches.
-    Time spent here is decoding (and resizing), recorded in ``state.decode_seconds``."""
+    None), then ("frames", (timestamps, (b, 3, R, R) float32, originals)) for the chosen frames in
+    batches; ``originals`` are the decoded uint8 (H, W, 3) frames with ``keep_frames`` (quality
+    maps), else None. Time spent here is decoding (and resizing), recorded in ``state.decode_seconds``."""
     from diqa_cli.videoio import DecodeStats, open_video, resize_frame
 
     start = time.perf_counter()
@@ -101,7 +103,7 @@ def _decode_items(path, *, model, encoder, fps_sub, max_frames, max_clips, decod
         for chunk in reader.frames(frames.indices, batch=batch, stats=state.frame_stats):
             pixels = np.stack([resize_frame(rgb, model.resolution, resample=resample) for rgb in chunk.frames])
             state.decode_seconds += time.perf_counter() - start
-            yield "frames", (chunk.timestamps, pixels)
+            yield "frames", (chunk.timestamps, pixels, list(chunk.frames) if keep_frames else None)
             start = time.perf_counter()
         state.decode_seconds += time.perf_counter() - start
     finally:
@@ -138,7 +140,7 @@ def _tensor_items(frames: torch.Tensor, timestamps, *, model, encoder, fps_sub, 
     for start in range(0, len(plan.indices), batch):
         chosen = plan.indices[start : start + batch]
         pixels = np.stack([resize_frame(rgb[i], model.resolution, resample=model.spec.resample) for i in chosen])
-        yield "frames", (times[chosen], pixels)
+        yield "frames", (times[chosen], pixels, None)
 
 
 def _background(items: Iterator, depth: int = 2) -> Iterator:
@@ -260,6 +262,7 @@ def score_videos(
     clip_batch: int = 4,
     per_frame: bool = False,
     timings: dict | None = None,
+    maps=None,
 ) -> Iterator[dict[str, Any]]:
     """Score videos one after another with ``model`` and its clip ``encoder``; yields one row per
     item, in order.
@@ -271,6 +274,13 @@ def score_videos(
     ``timings`` (a dict) accumulates ``decode``, ``encoder`` (clip encoder), ``model`` (frame model and
     video score) and ``wall`` seconds
     (decoding overlaps the networks, so the parts can add up to more than the wall time).
+
+    ``maps`` (a :class:`~diqa_cli.maps.writer.MapWriter`, ``diqa score-video --maps``): every
+    scored frame of an ``ok`` video gets a quality map at the video's size
+    (:func:`diqa_cli.maps.compute.video_quality_maps`, after the score), named by the frame's time;
+    the row's ``map`` is the overlay of its worst frame (lowest frame score, highest where lower is
+    better), and with ``per_frame`` each frame's entry names its own. The chosen frames are kept
+    in memory for it.
     """
     context = {
         "method": model.method_name,
@@ -292,10 +302,10 @@ def score_videos(
         try:
             stream = _decode_items(
                 path, model=model, encoder=encoder, fps_sub=fps_sub, max_frames=max_frames,
-                max_clips=max_clips, decoder=decoder, batch=batch_size, state=state,
+                max_clips=max_clips, decoder=decoder, batch=batch_size, state=state, keep_frames=maps is not None,
             )
             row = _score_stream(path, stream, model, encoder, state, normalisation, totals, clip_batch=clip_batch,
-                                per_frame=per_frame)
+                                per_frame=per_frame, maps=maps)
         except InputError as exc:
             row = error_row(path, exc.reason, **context)
         except (UsageError, WeightsError):
@@ -339,12 +349,13 @@ def score_frames(
 
 
 def _score_stream(path, stream, model, encoder, state, normalisation, totals, *, clip_batch,
-                  per_frame) -> dict[str, Any]:
+                  per_frame, maps=None) -> dict[str, Any]:
     """Run the networks over a stream of ("clip", …) and ("frames", …) items (decoded a thread ahead)."""
     items = _background(stream)
     clips: list[np.ndarray] = []
     clip_parts: list[tuple[torch.Tensor, ...]] = []
     frame_parts, times = [], []
+    kept_pixels, kept_frames = [], []  # for quality maps
 
     def encode_clips() -> None:
         began = time.perf_counter()
@@ -363,9 +374,12 @@ def _score_stream(path, stream, model, encoder, state, normalisation, totals, *,
             if clips:
                 encode_clips()
             began = time.perf_counter()
-            frame_times, pixels = value
+            frame_times, pixels, originals = value
             frame_parts.append(model.frame_features(torch.from_numpy(pixels).to(device, dtype)))
             times.extend(frame_times.tolist())
+            if maps is not None:
+                kept_pixels.append(torch.from_numpy(pixels))
+                kept_frames.extend(originals)
             totals["model"] += time.perf_counter() - began
         if clips:
             encode_clips()
@@ -392,4 +406,35 @@ def _score_stream(path, stream, model, encoder, state, normalisation, totals, *,
     if per_frame:
         frame_scores = result.frame_scores.cpu().tolist()
         row["per_frame"] = [{"time": t, "score": reported_score(s, normalisation)} for t, s in zip(times, frame_scores)]
+    if maps is not None:
+        began = time.perf_counter()
+        clip_features = tuple(f.to(device) for f in _join_clip_features(clip_parts))
+        _write_frame_maps(row, model, maps, torch.cat(kept_pixels).to(device, dtype), kept_frames, times,
+                          clip_features, normalisation)
+        totals["model"] += time.perf_counter() - began
     return row
+
+
+def _write_frame_maps(row, model, writer, pixels, frames, times, clip_features, normalisation) -> None:
+    """The quality maps of a scored video's frames (see :func:`score_videos`)."""
+    import warnings
+
+    from diqa_cli.errors import DiqaWarning, one_line
+    from diqa_cli.maps.compute import resize_maps, video_quality_maps
+
+    frame_scores, grids = video_quality_maps(model, pixels, clip_features)
+    scores = [reported_score(s, normalisation) for s in frame_scores.float().cpu().tolist()]
+    written = []
+    try:
+        for rgb, t, score, raw, grid in zip(frames, times, scores, frame_scores.tolist(), grids):
+            full = resize_maps(grid[None], rgb.shape[:2])[0].cpu().numpy()
+            written.append(writer.write(row["path"], rgb, full, score=score, raw_score=raw, time=t))
+    except OSError as exc:
+        warnings.warn(f"{row['path']}: quality maps not written: {type(exc).__name__}: {one_line(exc)}", DiqaWarning,
+                      stacklevel=3)
+        row["map"] = None
+        return
+    worst = max if model.spec.lower_better else min
+    row["map"] = written[scores.index(worst(scores))]
+    for entry, overlay in zip(row.get("per_frame") or [], written):
+        entry["map"] = overlay

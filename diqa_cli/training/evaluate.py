@@ -50,12 +50,14 @@ def evaluate(
     dtype: str = "auto",
     offline: bool = False,
     log: Log | None = None,
+    keep_scores: bool = False,
 ) -> dict[str, Any]:
     """Score the rows of ``split`` (default: ``test`` when the CSV has a split column, else every
     row) with the normal scoring pipeline (``diqa score``'s, or ``diqa score-video``'s for video
     methods) and correlate the reported scores with the MOS.
 
-    Returns ``srcc``, ``plcc`` (no logistic fit), ``krcc``, ``n`` (inputs scored) and ``n_failed``.
+    Returns ``srcc``, ``plcc`` (no logistic fit), ``krcc``, ``n`` (inputs scored) and ``n_failed``;
+    with ``keep_scores`` also ``predicted`` and ``target``, the scored inputs' scores and MOS.
     """
     from diqa_cli.checkpoint import load_head
     from diqa_cli.imageio import InputItem
@@ -89,8 +91,10 @@ def evaluate(
             failed += 1
             log(f"diqa: {row.get('path')}: {row.get('error')}")
     metrics = correlations(predicted, target)
+    kept = {"predicted": predicted, "target": target} if keep_scores else {}
     return {
         **metrics,
+        **kept,
         "n": len(predicted),
         "n_failed": failed,
         "split": split or "all",
