@@ -156,8 +156,6 @@ def register(app: typer.Typer) -> None:
             dtype=dtype,
             offline=offline_requested(offline),
             workers=workers,
-            eval_every=eval_every,
-            keep_last=keep_last,
             log=_log,
         )
         typer.echo(str(out))
