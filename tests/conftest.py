@@ -28,6 +28,7 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("DIQA_HOME", str(tmp_path / "diqa_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("DIQA_OFFLINE", "1")
+    monkeypatch.delenv("DIQA_DEBUG", raising=False)  # restored after the test, whatever --debug set
 
 
 @pytest.fixture

@@ -194,7 +194,7 @@ def test_any_tensor_size_is_resized_and_losses_reach_the_pixels(name, bundle, ti
     pixels = odd[:1].clone().requires_grad_(True)
     loss = loss_metric(pixels)
     assert loss.ndim == 0
-    torch.testing.assert_close(loss, -scores[:1].mean())  # higher is better: the loss is the negated score
+    torch.testing.assert_close(loss, -metric(odd[:1]).mean())  # higher is better: the loss is the negated score
     loss.backward()
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in loss_metric.parameters())

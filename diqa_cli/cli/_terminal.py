@@ -10,12 +10,13 @@ import sys
 
 _VOLUMES = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG, "debug": logging.DEBUG}
 _volume = "normal"
+_debug_env_set = False
 
 
 def set_volume(name: str) -> None:
     """How much goes to stderr: the library's ``diqa`` log at the level of ``name``, as
     ``diqa: message`` lines; ``debug`` also lets decoder processes' own messages through."""
-    global _volume
+    global _volume, _debug_env_set
     _volume = name
     logger = logging.getLogger("diqa")
     logger.setLevel(_VOLUMES[name])
@@ -24,8 +25,12 @@ def set_volume(name: str) -> None:
         handler.setFormatter(logging.Formatter("diqa: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
-    if name == "debug":
-        os.environ["DIQA_DEBUG"] = "1"
+    if name == "debug" and not os.environ.get("DIQA_DEBUG"):
+        os.environ["DIQA_DEBUG"] = "1"  # decoder processes read it
+        _debug_env_set = True
+    elif name != "debug" and _debug_env_set:  # a later run in this process (tests) without --debug
+        os.environ.pop("DIQA_DEBUG", None)
+        _debug_env_set = False
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -86,7 +86,7 @@ def show_command(
     resolution, dtype, diqa version)."""
     from diqa_cli.store import STORE_COLUMNS
 
-    fmt = fmt or default_format(sys.stdout)
+    fmt = (fmt or default_format(sys.stdout)).lower()
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     checkpoint = _checkpoint_sha(checkpoint)
@@ -109,6 +109,7 @@ def stats_command(
 ) -> None:
     """Counts, the score distribution of each head (method and checkpoint: one scale each), and
     failures by reason."""
+    fmt = fmt.lower()
     if fmt not in ("table", "json"):
         raise UsageError(f"--format {fmt!r} is not one of table, json")
     with _open(db) as store:

@@ -99,13 +99,13 @@ def score(
     from diqa_cli.home import offline_requested
     from diqa_cli.methods import default_method, get_method
 
-    fmt = fmt or default_format(sys.stdout)
+    fmt = (fmt or default_format(sys.stdout)).lower()
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if not paths:
         raise UsageError("no inputs: pass image paths, folders, quoted glob patterns, or '-' to read paths from stdin")
     if method is not None:
-        get_method(method)  # an unknown name fails here, with a did-you-mean, before any loading
+        get_method(method, kind="image")  # an unknown name fails here, with a did-you-mean, before any loading
     if checkpoint is not None:
         from diqa_cli.checkpoint import read_sidecar, sidecar_path
 
@@ -114,9 +114,7 @@ def score(
         if method is None or sidecar_path(checkpoint).is_file():
             trained = read_sidecar(checkpoint)["method"]
             method = method or trained  # a --method naming another method is refused on loading
-    spec = get_method(method) if method else default_method("score")
-    if spec.input_kind != "image":
-        raise UsageError(f"method {spec.name!r} scores {spec.input_kind}s; use `diqa score-{spec.input_kind}`")
+    spec = get_method(method, kind="image") if method else default_method("score")
     offline = offline_requested(offline)
 
     from diqa_cli.imageio import expand_inputs

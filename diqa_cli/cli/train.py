@@ -181,6 +181,7 @@ def register(app: typer.Typer) -> None:
         plot: Optional[Path] = typer.Option(None, "--plot", help="also write a PNG: predicted score against MOS with the 4-parameter logistic fit, SRCC and PLCC (needs matplotlib: pip install 'diqa-cli[plots]')"),
     ) -> None:
         """Score a labelled set and print SRCC, PLCC (no logistic fit) and KRCC."""
+        fmt = fmt.lower()
         if fmt not in ("table", "json"):
             raise UsageError(f"unknown --format {fmt!r} for eval; choose table or json")
         if plot is not None:

@@ -101,7 +101,7 @@ def score_video(
     from diqa_cli.methods import default_method, get_method
     from diqa_cli.videoio import DECODERS, VIDEO_EXTENSIONS
 
-    fmt = fmt or default_format(sys.stdout)
+    fmt = (fmt or default_format(sys.stdout)).lower()
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if per_frame and fmt not in ("json", "jsonl"):
@@ -119,9 +119,7 @@ def score_video(
 
         trained = read_sidecar(checkpoint)["method"]  # a missing or foreign checkpoint fails before torch loads
         method = method or trained
-    spec = get_method(method) if method else default_method("score-video")
-    if spec.input_kind != "video":
-        raise UsageError(f"method {spec.name!r} scores images; use `diqa score --method {spec.name}`")
+    spec = get_method(method, kind="video") if method else default_method("score-video")
     offline = offline_requested(offline)
 
     from diqa_cli.imageio import expand_inputs

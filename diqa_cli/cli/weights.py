@@ -38,7 +38,7 @@ def list_command(
     ),
 ) -> None:
     """List the manifest's entries: kind, licence, whether cached, size."""
-    fmt = fmt or ("table" if sys.stdout.isatty() else "csv")
+    fmt = (fmt or ("table" if sys.stdout.isatty() else "csv")).lower()
     if fmt not in ("table", "csv", "json"):
         raise typer.BadParameter(f"{fmt!r} is not one of table, csv, json", param_hint="--format")
     rows = []
