@@ -18,8 +18,8 @@ image method, measured side by side in one run; then the video, enhance and stor
 2. Per method: images per second on the tiny backbone and at SD size (each method's default
    backbone config, random weights, 256 px), and U-Net evaluations per image, counted by a
    forward pre-hook on every U-Net the model calls.
-3. ``bench/bench_video.py``, ``bench_enhance.py`` and ``bench_store.py`` as subprocesses, each
-   printing its own lines.
+3. ``bench/bench_video.py``, ``bench_enhance.py``, ``bench_store.py`` and ``bench_maps.py`` as
+   subprocesses, each printing its own lines.
 
 The images are synthetic: crops of scikit-image's bundled photos (``skimage.data``) written as
 JPEGs about 512 px on the long side. Every network has random weights, so scores are
@@ -59,6 +59,7 @@ OTHER_BENCHES = {
     "bench_video.py": ["--seconds", "2", "--repeats", "1"],
     "bench_enhance.py": ["--steps", "2", "--iterations", "2"],
     "bench_store.py": ["--images", "40"],
+    "bench_maps.py": ["--images", "16", "--repeats", "2"],
 }
 _STARTED = time.perf_counter()  # progress lines show seconds since start
 

@@ -20,6 +20,8 @@ from diqa_cli.pipelines.rows import error_row, failure_reason, reported_score
 
 __all__ = ["score_images"]
 
+_PENDING_MAP = "_pending_map"  # a row's map being written (never leaves this module)
+
 
 def score_images(
     items: Iterable,
@@ -45,7 +47,8 @@ def score_images(
     ``maps`` (a :class:`~diqa_cli.maps.writer.MapWriter`, ``diqa score --maps``): each batch's
     quality maps come from the same pass as its scores (:func:`diqa_cli.maps.compute.quality_maps`)
     and every ``ok`` row gets ``map``, the overlay written for it (see
-    :mod:`diqa_cli.pipelines.maps`). Without it nothing about maps is computed.
+    :mod:`diqa_cli.pipelines.maps`) in ``workers`` threads while the next batch runs; a row is
+    yielded once its files exist. Without it nothing about maps is computed.
     """
     import numpy as np
     import torch
@@ -100,16 +103,25 @@ def score_images(
         for index, ((row, _), raw) in enumerate(zip(batch, raws)):
             finish(row, raw, seconds)
             if grids is not None and row["status"] == "ok":
-                from diqa_cli.pipelines.maps import write_row_map
-
-                write_row_map(maps, row, grids[index], max_pixels=max_pixels)
+                # Written in a thread while the next batch runs; the row waits for it in ready().
+                row[_PENDING_MAP] = map_pool.submit(write_row_map, maps, row, grids[index], max_pixels=max_pixels)
 
     queue: deque[dict] = deque()  # rows in input order; status None while still being scored
     batch: list[tuple[dict, Any]] = []
+    map_pool = None
+    if maps is not None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from diqa_cli.pipelines.maps import write_row_map
+
+        map_pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="diqa-maps")
 
     def ready() -> Iterator[dict]:
         while queue and queue[0]["status"] is not None:
             row = queue.popleft()
+            pending = row.pop(_PENDING_MAP, None)
+            if pending is not None:
+                pending.result()  # its files exist before the row names them
             if progress is not None:
                 progress(row)
             yield row
@@ -123,18 +135,22 @@ def score_images(
         max_pixels=max_pixels,
         resample=model.spec.resample,
     )
-    for item, array, error in decoded:
-        path = str(item.path)
-        if array is None:
-            queue.append(error_row(path, error or "could not be decoded", **context))
-        else:
-            row = {"path": path, "score": None, "raw_score": None, "status": None, "error": None, **context}
-            queue.append(row)
-            batch.append((row, array))
-            if len(batch) == batch_size:
-                run(batch)
-                batch = []
+    try:
+        for item, array, error in decoded:
+            path = str(item.path)
+            if array is None:
+                queue.append(error_row(path, error or "could not be decoded", **context))
+            else:
+                row = {"path": path, "score": None, "raw_score": None, "status": None, "error": None, **context}
+                queue.append(row)
+                batch.append((row, array))
+                if len(batch) == batch_size:
+                    run(batch)
+                    batch = []
+            yield from ready()
+        if batch:
+            run(batch)
         yield from ready()
-    if batch:
-        run(batch)
-    yield from ready()
+    finally:
+        if map_pool is not None:
+            map_pool.shutdown(wait=True, cancel_futures=True)
