@@ -47,7 +47,8 @@ def test_quiet_and_verbose_together_is_a_usage_error(run_main):
 
 def test_shell_completion_script(tmp_path):
     env = {**os.environ, "HOME": str(tmp_path)}
-    env["SHELL"] = "/bin/bash"  # the shell it completes for (a test has no interactive parent shell)
-    result = subprocess.run([*DIQA, "--show-completion"], capture_output=True, text=True, env=env, timeout=120)
+    # A test has no interactive parent shell to detect: name the shell instead (typer's own switch).
+    env["_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"] = "1"
+    result = subprocess.run([*DIQA, "--show-completion", "bash"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0
     assert "complete" in result.stdout and "diqa" in result.stdout

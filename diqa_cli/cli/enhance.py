@@ -137,7 +137,9 @@ def enhance(
 
         sidecar = read_sidecar(checkpoint)  # a missing or foreign checkpoint fails before torch loads
     chosen = prior or (sidecar["method"] if sidecar else None)
-    method = get_method(chosen, kind="image") if chosen else default_method("enhance")
+    method = get_method(chosen) if chosen else default_method("enhance")
+    if method.input_kind != "image":
+        raise UsageError(f"--prior {method.name!r} scores {method.input_kind}s; enhancement needs an image method (see `diqa methods`)")
     if report is not None and report.is_dir():
         raise UsageError(f"--report {str(report)!r} is a directory; name a .json file")
     offline = offline_requested(offline)
