@@ -6,7 +6,7 @@ STAMP := $(VENV)/.diqa-installed
 # Tests and the demo never reach a model hub.
 OFFLINE := HF_HUB_OFFLINE=1 DIQA_OFFLINE=1
 
-.PHONY: install test demo readme-map bench fuzz manifest clean
+.PHONY: install test test-slow demo readme-map bench fuzz manifest clean
 
 install: $(STAMP)
 
@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The suite without the tests marked slow (about 8 minutes on 2 cores); test-slow runs the rest.
 test: install
-	$(OFFLINE) $(BIN)/python -m pytest -q
+	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: install
+	$(OFFLINE) $(BIN)/python -m pytest -q -m slow
 
 demo: install
 	$(OFFLINE) $(BIN)/diqa demo

@@ -68,7 +68,9 @@ class ToyContrast(QualityModel):
 
 # --- fixtures ------------------------------------------------------------------------------------
 
-IMAGE_METHODS = [s.name for s in list_methods("image")] + [TOY]
+# GenzIQA's 16 U-Net passes per image make its run the longest: it runs with the slow tests.
+IMAGE_METHODS = [pytest.param(s.name, marks=pytest.mark.slow) if s.name == "genziqa" else s.name
+                 for s in list_methods("image")] + [TOY]
 VIDEO_METHODS = [s.name for s in list_methods("video")]
 
 

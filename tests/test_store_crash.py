@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 DIQA = [str(Path(sys.executable).with_name("diqa"))]  # the installed console script
 
 
@@ -24,6 +26,7 @@ def _rows_in(db: Path) -> tuple[str, int]:
     return check, count
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_rerun_keeps_committed_rows(dpiqa_head, tiny_images, tmp_path, model_home):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -241,6 +241,7 @@ def trained(tiny_dir, level_split, tmp_path_factory):
     return out, level_split
 
 
+@pytest.mark.slow
 def test_training_learns_the_labels_not_chance(tiny_dir, trained, tmp_path):
     checkpoint, labels = trained
 
@@ -288,6 +289,7 @@ def test_lgdm_head_learns_from_features_computed_once_per_image(tiny_dir, level_
     assert learned > 0.7 and learned > chance + 0.5, (learned, chance)
 
 
+@pytest.mark.slow
 def test_genziqa_prompts_and_lora_learn_the_labels_not_chance(unit_latent_backbone_dir, level_split, tmp_path):
     """GenzIQA has no head: its score is the pooled cross-attention logits plus the denoising-error
     difference, so only the context vectors and the LoRA can carry the labels. On the tiny backbone
@@ -419,6 +421,7 @@ def test_distilled_student_follows_its_teacher(trained, tmp_path):
     assert correlations(scores["student"], scores["teacher"])["srcc"] > 0.45
 
 
+@pytest.mark.slow
 def test_student_learns_the_labels_from_mos_without_any_diffusion_weights(level_split, tmp_path):
     """`diqa train --method dpiqa-student` with no --backbone loads nothing of SD 1.5 (none is in
     this test's weights cache, and the run is offline), and the EfficientNet learns the labels
