@@ -10,15 +10,8 @@ import torch
 
 from diqa_cli import methods
 from diqa_cli.methods import MethodSpec, WeightsPart, register_method
-from test_weights import FileServer, run_cli, sha, url_entry, write_manifest
+from test_weights import run_cli, server, sha, url_entry, write_manifest  # noqa: F401 - server: fixture
 
-
-
-@pytest.fixture
-def server():
-    srv = FileServer()
-    yield srv
-    srv.close()
 
 
 @pytest.fixture
