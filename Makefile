@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# The suite without the tests marked slow (about 8 minutes on 2 cores); test-slow runs the rest.
+# The suite without the tests marked slow (about 5 minutes on 2 cores); test-slow runs the rest.
 test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
 

@@ -465,17 +465,22 @@ def test_eval_command_prints_metrics_as_table_or_json(trained):
     checkpoint, labels = trained
     runner = CliRunner()
     args = ["eval", "--checkpoint", str(checkpoint), "--data", str(labels), "--device", "cpu", "--dtype", "fp32"]
-    as_json = runner.invoke(app, [*args, "--format", "json"])
+    predictions = checkpoint.parent / "predictions.csv"
+    as_json = runner.invoke(app, [*args, "--format", "json", "--predictions", str(predictions)])
     assert as_json.exit_code == 0, as_json.output
     result = json.loads(as_json.stdout)  # stdout holds the data alone
-    assert set(result) >= {"srcc", "plcc", "krcc", "n", "n_failed"} and result["n"] == 24
-    assert "PLCC without logistic fit" in as_json.stderr
+    assert set(result) >= {"srcc", "plcc", "plcc_logistic", "krcc", "n", "n_failed"} and result["n"] == 24
+    assert "dpiqa head on split 'test'" in as_json.stderr
+    with predictions.open(newline="") as fh:
+        written = list(csv.DictReader(fh))
+    assert len(written) == 24 and list(written[0]) == ["path", "mos", "score", "status", "error"]
+    assert correlations([float(r["score"]) for r in written], [float(r["mos"]) for r in written])["srcc"] == pytest.approx(result["srcc"])
 
     table = runner.invoke(app, args)
     assert table.exit_code == 0
     lines = dict(line.split() for line in table.stdout.splitlines())
     assert float(lines["srcc"]) == pytest.approx(result["srcc"], abs=1e-4)
-    assert set(lines) == {"srcc", "plcc", "krcc", "n", "n_failed"}
+    assert set(lines) == {"srcc", "plcc", "plcc_logistic", "krcc", "n", "n_failed"}
 
     everything = runner.invoke(app, [*args, "--split", "all", "--format", "json"])
     assert json.loads(everything.stdout)["n"] == 63
@@ -582,3 +587,18 @@ def test_epochs_report_held_out_srcc_and_a_val_split_keeps_the_best_epoch(tiny_d
     assert record["holdout"]["kept"] == f"epoch {best + 1} (best val SRCC)"
     kept = evaluate(tmp_path / "v.safetensors", val_labels, split="val", device="cpu", dtype="fp32", offline=True)
     assert kept["srcc"] == pytest.approx(srcc[best], abs=1e-6)
+
+
+def test_eval_warns_when_too_few_inputs_make_the_correlations_meaningless(trained, tmp_path):
+    checkpoint, labels = trained
+    few = _relabel(labels, tmp_path / "few.csv")
+    with few.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))[:2]
+    with few.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    said: list[str] = []
+    result = evaluate(checkpoint, few, split="all", device="cpu", dtype="fp32", offline=True, log=said.append)
+    assert result["n"] == 2 and result["plcc_logistic"] is None
+    assert any("only 2 input(s) scored" in line for line in said)

@@ -178,9 +178,12 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
         fmt: str = typer.Option("table", "--format", "-f", help="table | json"),
         offline: bool = typer.Option(False, "--offline", help="never touch the network"),
+        predictions: Optional[Path] = typer.Option(
+            None, "--predictions", help="also write a CSV with each input's path, MOS, score, status and error"
+        ),
         plot: Optional[Path] = typer.Option(None, "--plot", help="also write a PNG: predicted score against MOS with the 4-parameter logistic fit, SRCC and PLCC (needs matplotlib: pip install 'diqa-cli[plots]')"),
     ) -> None:
-        """Score a labelled set and print SRCC, PLCC (no logistic fit) and KRCC."""
+        """Score a labelled set and print SRCC, PLCC (raw, and after the 4-parameter logistic fit) and KRCC."""
         fmt = fmt.lower()
         if fmt not in ("table", "json"):
             raise UsageError(f"unknown --format {fmt!r} for eval; choose table or json")
@@ -205,8 +208,9 @@ def register(app: typer.Typer) -> None:
             offline=offline_requested(offline),
             log=_log,
             keep_scores=plot is not None,
+            predictions=predictions,
         )
-        _log(f"diqa: {result['method']} head on split {result['split']!r} of {data}; PLCC without logistic fit")
+        _log(f"diqa: {result['method']} head on split {result['split']!r} of {data}")
         if plot is not None:
             from diqa_cli.plots import eval_plot
 
@@ -217,9 +221,9 @@ def register(app: typer.Typer) -> None:
         if fmt == "json":
             typer.echo(json.dumps(result))
         else:
-            for key in ("srcc", "plcc", "krcc", "n", "n_failed"):
+            for key in ("srcc", "plcc", "plcc_logistic", "krcc", "n", "n_failed"):
                 value = result[key]
-                typer.echo(f"{key:<9}{value:.4f}" if isinstance(value, float) else f"{key:<9}{value}")
+                typer.echo(f"{key:<14}{value:.4f}" if isinstance(value, float) else f"{key:<14}{value}")
 
     @app.command("demo")
     def demo_command(

@@ -51,13 +51,17 @@ def evaluate(
     offline: bool = False,
     log: Log | None = None,
     keep_scores: bool = False,
+    predictions: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score the rows of ``split`` (default: ``test`` when the CSV has a split column, else every
     row) with the normal scoring pipeline (``diqa score``'s, or ``diqa score-video``'s for video
     methods) and correlate the reported scores with the MOS.
 
-    Returns ``srcc``, ``plcc`` (no logistic fit), ``krcc``, ``n`` (inputs scored) and ``n_failed``;
-    with ``keep_scores`` also ``predicted`` and ``target``, the scored inputs' scores and MOS.
+    Returns ``srcc``, ``plcc`` (no logistic fit), ``plcc_logistic`` (PLCC after the standard
+    4-parameter logistic fit; None when it does not converge or there are fewer than 4 inputs),
+    ``krcc``, ``n`` (inputs scored) and ``n_failed``; with ``keep_scores`` also ``predicted`` and
+    ``target``, the scored inputs' scores and MOS. ``predictions`` names a CSV to write with one row
+    per input: ``path, mos, score, status, error``.
     """
     from diqa_cli.checkpoint import load_head
     from diqa_cli.imageio import InputItem
@@ -82,15 +86,23 @@ def evaluate(
 
         scored = score_images(items, model, batch_size=batch_size, workers=workers, normalisation=normalisation)
     mos_by_path = {str(r.path): r.mos for r in chosen}
-    predicted, target, failed = [], [], 0
+    predicted, target, failed, per_input = [], [], 0, []
     for row in scored:
-        if row.get("status") == "ok" and row.get("score") is not None:
+        ok = row.get("status") == "ok" and row.get("score") is not None
+        per_input.append({"path": row["path"], "mos": mos_by_path[row["path"]], "score": row.get("score") if ok else None,
+                          "status": "ok" if ok else "error", "error": None if ok else row.get("error")})
+        if ok:
             predicted.append(row["score"])
             target.append(mos_by_path[row["path"]])
         else:
             failed += 1
             log(f"diqa: {row.get('path')}: {row.get('error')}")
+    if len(predicted) < 3:
+        log(f"diqa: warning: only {len(predicted)} input(s) scored; correlations need at least 3 to mean anything")
+    if predictions is not None:
+        _write_predictions(Path(predictions), per_input)
     metrics = correlations(predicted, target)
+    metrics["plcc_logistic"] = _plcc_after_logistic_fit(predicted, target)
     kept = {"predicted": predicted, "target": target} if keep_scores else {}
     return {
         **metrics,
@@ -102,3 +114,29 @@ def evaluate(
         "checkpoint": str(checkpoint),
         "plcc_fit": "none",
     }
+
+
+def _plcc_after_logistic_fit(predicted, target) -> float | None:
+    """PLCC between the MOS and the scores mapped by the fitted 4-parameter logistic (VQEG)."""
+    import numpy as np
+
+    from diqa_cli.plots import fit_logistic, logistic4
+
+    params = fit_logistic(predicted, target)
+    if params is None:
+        return None
+    mapped = logistic4(np.asarray(predicted, dtype=np.float64), *params)
+    return correlations(mapped, target)["plcc"]
+
+
+def _write_predictions(path: Path, rows: list[dict]) -> None:
+    import csv
+    import io
+
+    from diqa_cli.files import atomic_write_text
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["path", "mos", "score", "status", "error"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
