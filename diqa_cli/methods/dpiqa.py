@@ -30,6 +30,8 @@ SPEC = register_method(
         licence="CC BY-NC-SA 4.0 (released weights, non-commercial); diqa code Apache-2.0",
         released_weights=("dpiqa-koniq",),
         deviations=(
+            "training keeps the best epoch by a val split only, never by the test split (released: the epoch "
+            "with the best test correlation)",
             "VAE posterior mean instead of a sample, so the same image always gets the same score",
             "gradients reach the pixels through the VAE encoder too (released encodes under no_grad); "
             "scores are unchanged",
