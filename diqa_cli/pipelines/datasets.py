@@ -21,22 +21,24 @@ from pathlib import Path
 from diqa_cli.errors import InputError
 from diqa_cli.pipelines.rows import tree_cat, tree_map
 
-__all__ = ["PRELOAD_BYTES", "FeatureSet", "ImageSet", "VideoBatch", "VideoSet"]
+__all__ = ["PRELOAD_BYTES", "FeatureSet", "ImageSet", "Log", "VideoBatch", "VideoSet", "quiet"]
 
 # Above this many bytes of float16 pixels a training set is decoded per batch instead of held.
 PRELOAD_BYTES = 4 * 1024**3
 
+# A training log: one line for a person at a time (the CLI prints them on stderr).
 Log = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
+def quiet(_: str) -> None:
+    """The log that says nothing (the library's default)."""
     return None
 
 
 class ImageSet:
     """The images of some label rows at one resolution and resize filter."""
 
-    def __init__(self, rows: list, resolution: int, *, resample: str, workers: int = 2, log: Log = _quiet):
+    def __init__(self, rows: list, resolution: int, *, resample: str, workers: int = 2, log: Log = quiet):
         self.resolution = resolution
         self.resample = resample
         self.workers = max(1, workers)
@@ -92,7 +94,7 @@ class FeatureSet:
     """Frozen features of every readable image of ``images``, computed once with
     ``model.extract_features`` (a :class:`~diqa_cli.models.base.CachedFeatures` model)."""
 
-    def __init__(self, model, images: ImageSet, batch_size: int, log: Log = _quiet):
+    def __init__(self, model, images: ImageSet, batch_size: int, log: Log = quiet):
         model.eval()
         features, self.rows = [], []
         for start in range(0, len(images), batch_size):
@@ -142,7 +144,7 @@ class VideoSet:
     again for each batch."""
 
     def __init__(self, rows: list, model, encoder, *, fps_sub: float | None = None, max_frames: int | None = None,
-                 max_clips: int = 16, decoder: str = "auto", log: Log = _quiet):
+                 max_clips: int = 16, decoder: str = "auto", log: Log = quiet):
         from diqa_cli.pipelines.videos import default_frames, load_video_input
 
         self._load = load_video_input

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from diqa_cli.errors import UsageError
+from diqa_cli.pipelines.datasets import Log, quiet
 from diqa_cli.training.labels import default_split, mos_normalisation, read_labels, select_split
 from diqa_cli.training.loop import Optimiser, build_model, fit, rng_devices, settings_for, training_record
 
 __all__ = ["distill"]
 
-Log = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    return None
 
 
 def distill(
@@ -50,7 +46,7 @@ def distill(
     from diqa_cli.models.base import FeatureMapModel
     from diqa_cli.pipelines.datasets import ImageSet
 
-    log = log or _quiet
+    log = log or quiet
     teacher, teacher_sidecar = load_head(teacher_checkpoint, device=device, dtype=dtype, offline=offline)
     teacher_method = teacher_sidecar.get("method")
     students = [s for s in list_methods() if s.teacher == teacher_method]

@@ -7,17 +7,13 @@ Metrics come from :mod:`scipy.stats`; PLCC is computed on the scores as they are
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from diqa_cli.pipelines.datasets import Log, quiet
 from diqa_cli.training.labels import default_split, read_labels, select_split
 
 __all__ = ["correlations", "evaluate"]
 
-Log = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    return None
 
 
 def correlations(predicted, target) -> dict[str, float]:
@@ -67,7 +63,7 @@ def evaluate(
     from diqa_cli.imageio import InputItem
     from diqa_cli.models.base import VideoQualityModel
 
-    log = log or _quiet
+    log = log or quiet
     rows = read_labels(labels_csv)
     if split is None:
         split = default_split(rows, "test")

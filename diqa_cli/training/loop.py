@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from diqa_cli.errors import UsageError
 from diqa_cli.methods import TrainingDefaults
+from diqa_cli.pipelines.datasets import Log, quiet
 from diqa_cli.training.labels import (
     default_split,
     labels_layout,
@@ -27,13 +28,8 @@ __all__ = ["IMAGENET", "Optimiser", "build_model", "fit", "rng_devices", "settin
 # ``init_checkpoint="imagenet"``: start an ImageNetInit model's trunk from ImageNet weights.
 IMAGENET = "imagenet"
 
-Log = Callable[[str], None]
 # Per-batch progress inside an epoch (shown with `diqa -v`); epochs themselves go to ``log``.
 _progress = logging.getLogger("diqa")
-
-
-def _quiet(_: str) -> None:
-    return None
 
 
 def build_model(method: str, backbone, config: dict | str | None, seed: int):
@@ -227,7 +223,7 @@ def train(
     from diqa_cli.models.base import CachedFeatures, VideoQualityModel
     from diqa_cli.pipelines.datasets import FeatureSet, ImageSet, VideoSet
 
-    log = log or _quiet
+    log = log or quiet
     spec = get_method(method)
     imagenet = isinstance(init_checkpoint, str) and init_checkpoint == IMAGENET  # a file so named: "./imagenet"
     if imagenet:
