@@ -137,6 +137,12 @@ def resolve_dtype(name: str, device) -> Any:
     return dtype
 
 
+def dtype_name(dtype) -> str:
+    """``fp32`` / ``fp16`` / ``bf16`` for a torch dtype (its own name for any other)."""
+    text = str(dtype).replace("torch.", "")
+    return next((short for short, long in _DTYPES.items() if long == text), text)
+
+
 # --- identity: SHA-256 of the weight files, hashed once per (path, size, mtime) ---------------
 
 
@@ -271,6 +277,48 @@ class Backbone:
         return encoder, _load_tokenizer(clip_folder, pad_token=pad)
 
 
+@dataclass(frozen=True)
+class BackboneFiles:
+    """What a backbone is, read from its files without loading it: the name it was given, its
+    weight identity (what :attr:`Backbone.identity` will be) and native resolution."""
+
+    ref: str
+    source: Path
+    identity: str
+    resolution: int
+    config_dir: Path | None  # the config folder a single-file checkpoint is read with
+
+
+def describe_backbone(ref: str, *, offline: bool = False, config: str | os.PathLike | None = None,
+                      allow_pickle: bool = False) -> BackboneFiles:
+    """:class:`BackboneFiles` of the backbone ``ref`` names (pulled first if it is a manifest name
+    and not ``offline``): the weight files are hashed (once per size and mtime), the U-Net and
+    VAE configs read; no weights are loaded."""
+    source = _locate(str(ref), offline=home.offline_requested(offline), parts=BACKBONE_CORE)
+    if source.is_dir():
+        if not _is_diffusers_folder(source):
+            raise UsageError(
+                f"{source}: not a diffusers folder (expected model_index.json, or unet/ and vae/ subfolders)"
+            )
+        # The identity covers what features come from (U-Net and VAE), so it does not change when
+        # a manifest backbone's text encoder is pulled later.
+        files = {f"{sub}/{p.name}": p for sub in ("unet", "vae") for p in _weight_files(source / sub)}
+        config_dir, configs = None, source
+    else:
+        config_dir = _single_file_config(source, config, allow_pickle)
+        files, configs = {"": source}, config_dir
+    unet_config = _read_json(configs / "unet" / "config.json")
+    vae_config = _read_json(configs / "vae" / "config.json")
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return BackboneFiles(
+        ref=str(ref),
+        source=source,
+        identity=_combined_identity(files),
+        resolution=int(unet_config["sample_size"]) * scale,
+        config_dir=config_dir,
+    )
+
+
 def load_backbone(
     ref: str,
     *,
@@ -286,26 +334,23 @@ def load_backbone(
     torch_device = resolve_device(device) if not isinstance(device, torch.device) else device
     torch_dtype = resolve_dtype(dtype, torch_device) if not isinstance(dtype, torch.dtype) else dtype
     offline = home.offline_requested(offline)
-    source = _locate(str(ref), offline=offline, parts=BACKBONE_CORE)
-    log.info("loading backbone %s (%s, %s on %s)", ref, _size_on_disk(source), str(torch_dtype).replace("torch.", ""),
-             torch_device)
+    described = describe_backbone(str(ref), offline=offline, config=config, allow_pickle=allow_pickle)
+    source = described.source
+    log.info("loading backbone %s (%s, %s on %s)", ref, _size_on_disk(source), dtype_name(torch_dtype), torch_device)
 
-    config_dir = None
     with _quiet_loading():
         if source.is_dir():
-            unet, vae, scheduler_config, files = _load_folder(source, torch_dtype, allow_pickle)
+            unet, vae, scheduler_config = _load_folder(source, torch_dtype, allow_pickle)
         else:
-            config_dir = _single_file_config(source, config, allow_pickle)
-            unet, vae = _load_single_file(source, config_dir, torch_dtype, allow_pickle)
-            scheduler_config = _read_json(config_dir / "scheduler" / "scheduler_config.json")
-            files = {"": source}
+            unet, vae = _load_single_file(source, described.config_dir, torch_dtype, allow_pickle)
+            scheduler_config = _read_json(described.config_dir / "scheduler" / "scheduler_config.json")
 
     for module in (unet, vae):
         module.to(torch_device).eval().requires_grad_(False)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return Backbone(
         ref=str(ref),
-        identity=_combined_identity(files),
+        identity=described.identity,
         vae=vae,
         unet=unet,
         scheduler_config=scheduler_config,
@@ -317,7 +362,7 @@ def load_backbone(
         source=source,
         manifest_name=None if Path(str(ref)).expanduser().exists() else str(ref),
         offline=offline,
-        config_dir=config_dir,
+        config_dir=described.config_dir,
         allow_pickle=allow_pickle,
     )
 
@@ -386,12 +431,7 @@ def _load_folder(folder: Path, dtype, allow_pickle: bool):
             / "scheduler"
             / "scheduler_config.json"
         )
-    # The identity covers what features come from (U-Net and VAE), so it does not change when a
-    # manifest backbone's text encoder is pulled later.
-    files = {}
-    for sub in ("unet", "vae"):
-        files.update({f"{sub}/{p.name}": p for p in _weight_files(folder / sub)})
-    return unet, vae, scheduler_config, files
+    return unet, vae, scheduler_config
 
 
 def _weight_files(component: Path) -> list[Path]:

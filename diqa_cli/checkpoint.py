@@ -217,15 +217,14 @@ def load_head(
     return model, sidecar
 
 
-_DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
-
-
 def _warn_if_another_vae(path: Path, backbone, recorded: dict[str, str]) -> None:
     """A converted released head records the VAE it was trained with (``diqa weights convert``);
     a backbone with another VAE still runs, but its latents are not the ones the head learned on."""
     from diqa_cli.files import tensors_sha256
 
-    expected = recorded.get(_DTYPE_NAMES.get(str(backbone.dtype), ""))
+    from diqa_cli.backbone import dtype_name
+
+    expected = recorded.get(dtype_name(backbone.dtype))
     if expected and tensors_sha256(backbone.vae.state_dict().values()) != expected:
         warnings.warn(
             f"{path.name} was trained with another VAE than backbone {backbone.ref!r}'s (recorded sha256 "

@@ -45,12 +45,10 @@ __all__ = [
     "ReuseRun",
     "ScoreSettings",
     "ScoreStore",
-    "checkpoint_file",
     "content_hash",
     "fingerprint",
     "migrate",
     "open_store",
-    "settings_for",
 ]
 
 BUSY_TIMEOUT_S = 30.0
@@ -63,6 +61,10 @@ STORE_COLUMNS = (
     "backbone_identity", "seed", "resolution", "dtype", "diqa_version", "content_hash", "size",
     "mtime", "seconds", "scored_at", "settings_key", "map",
 )
+# Row fields the store keeps in columns of their own (or that describe the run, not the result);
+# anything else a scoring row holds (a video's frame counts, decoder, per-frame scores) is kept
+# as JSON in ``details`` and given back when the result is reused.
+_OWN_FIELDS = frozenset((*STORE_COLUMNS, "cached", "checkpoint", "backbone"))
 
 # --------------------------------------------------------------------------- migrations
 
@@ -112,6 +114,13 @@ def m001_scores(db: sqlite3.Connection) -> None:
 def m002_map(db: sqlite3.Connection) -> None:
     # The quality-map overlay a run wrote for the row (``diqa score --maps``); NULL when none.
     db.execute("ALTER TABLE scores ADD COLUMN map TEXT")
+
+
+@migration
+def m003_details(db: sqlite3.Connection) -> None:
+    # The row's other fields as a JSON object (``diqa score-video``: frames, decoder, duration,
+    # per-frame scores); NULL when there are none.
+    db.execute("ALTER TABLE scores ADD COLUMN details TEXT")
 
 
 def migrate(db: sqlite3.Connection, migrations: list | None = None) -> list[str]:
@@ -185,7 +194,8 @@ def fingerprint(path: str | os.PathLike) -> Fingerprint | None:
 class ScoreSettings:
     """Everything that decides a score besides the image; equal settings give equal scores.
 
-    ``head`` carries the sidecar's score normalisation and the model config. ``backbone_ref``
+    ``head`` carries the sidecar's score normalisation and the model config, ``video`` what a
+    video's score also depends on (``--fps-sub``, ``--max-frames``, ``--max-clips``, ``--slowfast``). ``backbone_ref``
     is what the user named the backbone, reported in rows but not part of the key (the same
     weights under another path give the same scores).
     """
@@ -198,6 +208,7 @@ class ScoreSettings:
     dtype: str
     diqa_version: str
     head: dict = field(default_factory=dict)
+    video: dict = field(default_factory=dict)  # a video score's frame choice and clip encoder
     backbone_ref: str = ""
 
     @property
@@ -208,45 +219,16 @@ class ScoreSettings:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-_DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
-
-
-def settings_for(model, sidecar: dict, checkpoint: str | os.PathLike) -> ScoreSettings:
-    """The settings of a loaded scorer (``scoring.load_scorer``'s model and sidecar) whose head
-    weights are the file ``checkpoint``."""
-    import diqa_cli
-    from diqa_cli.files import file_sha256  # remembered per (path, size, mtime): read once
-
-    config = dict(model.config)
-    return ScoreSettings(
-        method=model.method_name,
-        checkpoint_sha256=file_sha256(checkpoint),
-        backbone_identity=str(model.backbone.identity) if model.backbone is not None else "",
-        seed=int(config.get("seed", sidecar.get("seed", 0))),
-        resolution=int(model.resolution),
-        dtype=_DTYPE_NAMES.get(str(model.dtype), str(model.dtype)),
-        diqa_version=diqa_cli.__version__,
-        head={"score_normalisation": sidecar["score_normalisation"], "config": config},
-        backbone_ref=str(model.backbone.ref) if model.backbone is not None else "",
-    )
-
-
-def checkpoint_file(checkpoint: str | os.PathLike | None, method: str | None) -> Path:
-    """The head weights file a scorer loads: ``checkpoint``, else the method's first released
-    weights in the cache (``scoring.load_scorer`` has fetched them by the time this is asked)."""
-    if checkpoint is not None:
-        return Path(checkpoint)
-    from diqa_cli.scoring import default_checkpoint
-    from diqa_cli.methods import get_method
-
-    return default_checkpoint(get_method(method), download=False)
-
-
 # --------------------------------------------------------------------------- the store
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _details(row: dict) -> str | None:
+    details = {k: v for k, v in row.items() if k not in _OWN_FIELDS}
+    return json.dumps(details, sort_keys=True, ensure_ascii=False) if details else None
 
 
 def _path_value(path: str) -> str | bytes:
@@ -295,6 +277,7 @@ class ScoreStore:
             "seconds": row.get("seconds"),
             "scored_at": scored_at or _now(),
             "map": row.get("map"),
+            "details": _details(row),
         }
         names = ", ".join(values)
         marks = ", ".join("?" for _ in values)
@@ -416,6 +399,7 @@ class ScoreStore:
     def _row(found: sqlite3.Row) -> dict:
         row = {k: found[k] for k in STORE_COLUMNS}
         row["path"] = _path_from_db(row["path"])
+        row["details"] = json.loads(found["details"]) if found["details"] else {}
         return row
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -598,6 +582,7 @@ class ReuseRun:
                 "backbone": settings.backbone_ref,
                 "seconds": stored["seconds"],
                 "map": stored["map"],
+                **stored["details"],
                 "cached": True,
             }
             return _Entry(item, fp, row, stored)

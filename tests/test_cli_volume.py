@@ -22,7 +22,7 @@ def test_stage_messages_by_default_and_only_errors_with_quiet(run_main, dpiqa_he
     code, out, err = run_main(["score", str(photo), str(tmp_path / "missing.png"), "-c", str(dpiqa_head), "-f", "csv"],
                               home=model_home)
     assert code == 3 and out.count("\n") == 3
-    assert "diqa: loading backbone" in err and "float32 on cpu" in err
+    assert "diqa: loading backbone" in err and "fp32 on cpu" in err
     assert "missing.png: no such file" in err
 
     code, out, err = run_main(["-q", "score", str(photo), str(tmp_path / "missing.png"), "-c", str(dpiqa_head), "-f", "csv"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 
 import pytest
 import torch
@@ -120,6 +121,37 @@ def cli_scores(run_main, command, paths, checkpoint) -> dict[str, float]:
     code, out, err = run_main([command, *map(str, paths), "-c", str(checkpoint), "-f", "csv", "--offline"])
     assert code == 0, err
     return {row["path"]: float(row["score"]) for row in csv.DictReader(io.StringIO(out))}
+
+
+# --- settings known before loading -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [s.name for s in list_methods()] + [TOY])
+def test_settings_known_before_loading_are_the_loaded_models(name, bundle, toy_registered):
+    """A score store looks results up before it builds anything (``ScorerOptions.settings``):
+    what it computes from the files must be what the built model is, or it would reuse wrongly."""
+    from diqa_cli.backbone import dtype_name
+    from diqa_cli.engines import ScorerOptions
+    from diqa_cli.errors import DiqaWarning
+    from diqa_cli.files import file_sha256
+
+    for overrides in ({}, {"seed": 5, "backbone": str(bundle / "backbone.safetensors")}):
+        options = ScorerOptions(checkpoint=str(head(bundle, name)), device="cpu", dtype="fp32", offline=True, **overrides)
+        settings = options.settings()
+        with warnings.catch_warnings():
+            # The single file holds the folder's weights in another layout: the head says so.
+            warnings.simplefilter("ignore", DiqaWarning)
+            model = options.load().model
+        assert settings.method == model.method_name
+        assert settings.checkpoint_sha256 == file_sha256(head(bundle, name))
+        assert settings.resolution == model.resolution and settings.dtype == dtype_name(model.dtype)
+        assert settings.seed == int(model.config.get("seed", 0))
+        if model.spec.draws_noise and "seed" in overrides:
+            assert settings.seed == 5
+        if model.backbone is None:
+            assert settings.backbone_identity == ""
+        else:
+            assert (settings.backbone_identity, settings.backbone_ref) == (model.backbone.identity, model.backbone.ref)
 
 
 # --- image methods -------------------------------------------------------------------------------

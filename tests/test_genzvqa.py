@@ -428,10 +428,32 @@ def test_score_video_json_per_frame(bundle, videos, run_main):
     assert json.loads(out_again)["score"] == pytest.approx(row["score"], rel=1e-4)
 
 
+def test_score_video_per_frame_csv_is_long_and_the_db_reuses_frames_too(bundle, videos, run_main, tmp_path):
+    db = str(tmp_path / "videos.sqlite")
+    code, out, err = run_main([*video_args(bundle, "csv", "--fps-sub", "2", "--per-frame", "--db", db), videos["h264"]])
+    assert code == 0, err
+    lines = list(csv.DictReader(io.StringIO(out)))
+    assert tuple(lines[0]) == ("path", "time", "score", "status", "error")
+    assert [round(float(line["time"]), 3) for line in lines] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert {line["path"] for line in lines} == {videos["h264"]} and "reused 0 of 1" in err
+
+    # Reused from the database: the same row, frame counts and per-frame scores included.
+    code, out, err = run_main([*video_args(bundle, "jsonl", "--fps-sub", "2", "--per-frame", "--db", db), videos["h264"]])
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and "reused 1 of 1" in err and row["cached"] is True
+    assert [(round(f["time"], 3), f["score"]) for f in row["per_frame"]] == [
+        (round(float(line["time"]), 3), float(line["score"])) for line in lines
+    ]
+    assert (row["frames_sampled"], row["frames_decoded"], row["decoder"]) == (6, 6, "decord")
+    # Another frame choice gives another score: scored again.
+    code, _, err = run_main([*video_args(bundle, "csv", "--fps-sub", "1", "--db", db), videos["h264"]])
+    assert code == 0 and "reused 0 of 1" in err
+
+
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        (["--format", "csv", "--per-frame"], "--per-frame"),
+        (["--format", "table", "--per-frame"], "--per-frame"),
         (["--method", "genziqa"], "scores images"),
         (["--decoder", "ffmpeg"], "--decoder 'ffmpeg'"),
         (["--fps-sub", "0"], "--fps-sub"),

@@ -7,6 +7,7 @@ reason, where Ray is not installed; the install hint itself is tested either way
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import ipaddress
 import os
@@ -119,6 +120,42 @@ def test_ray_engine_reuses_stored_results_and_scores_the_rest_in_order(ray_insta
         assert [r["status"] for r in rows[4:]] == ["error"] * 4
         assert len(list(store.rows())) == len(inputs)
     assert ray_instance.is_initialized()  # the engine left the instance it did not start running
+
+
+@pytest.fixture(scope="module")
+def genzvqa_head(tiny_backbone, tmp_path_factory):
+    """A GenzVQA head in the tiny bundle's layout (its SlowFast one folder up)."""
+    import torch
+
+    from diqa_cli.checkpoint import save_head
+    from diqa_cli.models.genzvqa import GenzVQA
+    from diqa_cli.models.slowfast import write_tiny_slowfast
+
+    folder = tmp_path_factory.mktemp("genzvqa")
+    write_tiny_slowfast(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        model = GenzVQA(tiny_backbone, **GenzVQA.tiny_config())
+    return save_head(model, folder / "heads" / "genzvqa.safetensors", normalisation={"offset": 0.0, "scale": 1.0})
+
+
+@needs_ray
+def test_videos_on_ray_give_the_single_process_rows(ray_instance, genzvqa_head, tmp_path):
+    from test_videoio import encode
+
+    from diqa_cli.engines.ray_engine import RayEngine
+
+    clip = str(encode(tmp_path / "clip.mp4", "libx264", noise=True))
+    inputs = expand_inputs([clip, str(tmp_path / "missing.mp4")], kind="video")
+    options = dataclasses.replace(_options(genzvqa_head), max_frames=3, max_clips=1, per_frame=True)
+    with LocalEngine(options) as local:
+        reference = list(local.score(inputs))
+    with RayEngine(options, actors=1) as engine:
+        rows = list(engine.score(inputs))
+    _assert_same_rows(rows, reference)
+    for key in ("frames_sampled", "frames_decoded", "frames_lost", "decoder", "clips", "slowfast"):
+        assert rows[0][key] == reference[0][key], key
+    assert [f["time"] for f in rows[0]["per_frame"]] == [f["time"] for f in reference[0]["per_frame"]]
 
 
 def test_without_ray_the_engine_says_how_to_install_it(dpiqa_head, monkeypatch, run_main):

@@ -16,7 +16,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from diqa_cli.engines import LocalEngine, ScorerOptions
 from diqa_cli.errors import UsageError
@@ -145,6 +144,7 @@ def test_every_setting_is_part_of_the_reuse_key():
         _settings(method="genziqa"), _settings(checkpoint_sha256="d" * 64), _settings(backbone_identity="e" * 64),
         _settings(seed=1), _settings(resolution=512), _settings(dtype="fp16"), _settings(diqa_version="0.2.0"),
         _settings(head={"score_normalisation": {"offset": 1.0, "scale": 1.0}}),
+        _settings(video={"fps_sub": 4.0, "max_frames": None, "max_clips": 16}),
     ]
     keys = {s.key for s in changed}
     assert base.key not in keys and len(keys) == len(changed)
@@ -276,7 +276,7 @@ def test_score_with_db_reports_reuse_and_db_commands_read_it_back(dpiqa_head, ph
     assert code == 0
     shown = json.loads(out)
     assert [r["path"] for r in shown] == sorted(inputs)
-    assert set(shown[0]) == set(STORE_COLUMNS)
+    assert set(shown[0]) == {*STORE_COLUMNS, "details"}  # JSON carries the row's details object
     assert {r["method"] for r in shown} == {"dpiqa"} and {r["dtype"] for r in shown} == {"fp32"}
 
     code, out, _ = run_main(["db", "show", db, "-f", "csv"])
@@ -291,6 +291,32 @@ def test_score_with_db_reports_reuse_and_db_commands_read_it_back(dpiqa_head, ph
 
     code, out, _ = run_main(["db", "stats", db])
     assert code == 0 and "failures by reason" in out and second[2]["error"] in out
+
+
+def test_a_run_whose_inputs_are_all_stored_builds_no_model(dpiqa_head, photos, tmp_path, model_home, run_main,
+                                                            monkeypatch):
+    from diqa_cli import engines
+
+    db = str(tmp_path / "scores.sqlite")
+    args = ["score", "--checkpoint", str(dpiqa_head), "--device", "cpu", "--dtype", "fp32", "--db", db, "-f", "csv"]
+    code, first, _ = run_main([*args, *photos[:2]], home=model_home)
+    assert code == 0
+
+    built = []
+    real_init = engines.Scorer.__init__
+
+    def counting_init(self, options):
+        built.append(options)
+        real_init(self, options)
+
+    monkeypatch.setattr(engines.Scorer, "__init__", counting_init)
+    code, again, err = run_main([*args, *photos[:2]], home=model_home)
+    assert code == 0 and again == first and "reused 2 of 2" in err
+    assert built == [] and "loading backbone" not in err  # looked up, nothing loaded
+
+    code, out, err = run_main([*args, *photos[:3]], home=model_home)  # one new file: now the model loads
+    assert code == 0 and "reused 2 of 3" in err and len(built) == 1
+    assert out.splitlines()[:3] == first.splitlines()
 
 
 def test_db_commands_refuse_a_missing_database(tmp_path, run_main):
@@ -340,6 +366,25 @@ def test_filter_prints_the_best_first_and_needs_a_method_when_there_are_several(
 
     code, _, err = run_main(["filter", str(db), "-m", "lgdm"])
     assert code == 2 and "no scores of method 'lgdm'" in err
+
+    # Method names as everywhere else: any letter case, aliases, and the registry's did-you-mean.
+    code, out, _ = run_main(["filter", str(db), "-m", "DPIQA", "--min-score", "0.6", "--max-score", "0.85"])
+    assert code == 0 and out.splitlines() == [files["x/gone.jpg"], files["y/a.jpg"]]
+    for command in (["filter", str(db)], ["db", "show", str(db)], ["db", "stats", str(db)]):
+        code, _, err = run_main([*command, "-m", "dpqia"])
+        assert code == 2 and "unknown method 'dpqia'" in err and "did you mean 'dpiqa'" in err, err
+
+
+def test_store_commands_print_paths_as_score_printed_them(ranked_db, tmp_path, run_main, monkeypatch):
+    db, files = ranked_db
+    monkeypatch.chdir(tmp_path / "lib")  # as if `diqa score x/ y/ --db …` had run here
+    code, out, _ = run_main(["filter", str(db), "-m", "dpiqa", "--min-score", "0.6"])
+    assert code == 0 and out.splitlines() == ["x/c.jpg", "x/a.jpg", "x/gone.jpg", "y/a.jpg"]
+    code, out, _ = run_main(["db", "show", str(db), "-m", "dpiqa", "-f", "csv"])
+    assert code == 0 and "\nx/a.jpg," in out
+    monkeypatch.chdir(tmp_path / "lib" / "x")  # files outside the current folder stay absolute
+    code, out, _ = run_main(["filter", str(db), "-m", "dpiqa", "--min-score", "0.6"])
+    assert out.splitlines() == ["c.jpg", "a.jpg", "gone.jpg", files["y/a.jpg"]]
 
 
 def test_filter_copy_to_keeps_both_same_named_files_and_reports_missing_ones(ranked_db, tmp_path, run_main):

@@ -94,3 +94,32 @@ def tell(progress, message: str) -> None:
         progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
     else:
         print(message, file=sys.stderr, flush=True)
+
+
+def write_rows(items, rows, fmt: str, columns, *, context: dict | None = None, note=None, lines=None) -> int:
+    """Write ``rows`` (one per item of ``items``) to stdout in ``fmt`` as they come, with a
+    progress bar and each failure's one line on stderr; returns how many failed. ``context`` is
+    added to every row; ``note(row)`` may return a line to tell about an ``ok`` row; ``lines(row)``,
+    when given, turns a row into the output lines written for it (a long format)."""
+    from diqa_cli.output import open_writer
+
+    failed = 0
+    with progress_bar(len(items)) as progress:
+        stdout_console = progress.console if progress is not None and same_terminal() else None
+        path_width = max((len(str(getattr(item, "path", item))) for item in items), default=4)
+        # A closed pipe (`| head -1`) ends here too: diqa_cli.cli turns it into a quiet exit 141.
+        with open_writer(fmt, sys.stdout, columns=columns, path_width=path_width, console=stdout_console) as writer:
+            rows = iter(rows)
+            with contextlib.closing(rows):  # stops the decoding threads on Ctrl-C or a closed pipe
+                for row in rows:
+                    row.update(context or {})
+                    if row["status"] != "ok":
+                        failed += 1
+                        tell(progress, f"diqa: {row['path']}: {row['error']}")
+                    elif note is not None and (line := note(row)):
+                        tell(progress, line)
+                    for line in lines(row) if lines is not None else (row,):
+                        writer.write(line)
+                    if progress is not None:
+                        progress.advance(progress.task_ids[0])
+    return failed

@@ -60,6 +60,23 @@ def _checkpoint_sha(value: str | None) -> str | None:
     raise UsageError(f"--checkpoint {value!r} is neither a head file nor a SHA-256 (prefix of 6+ hex digits)")
 
 
+def _method_name(value: str | None) -> str | None:
+    """A --method value as the registry names it (case, aliases); an unknown name is the same
+    usage error, with its did-you-mean, as in every other command."""
+    if value is None:
+        return None
+    from diqa_cli.methods import get_method
+
+    return get_method(value).name
+
+
+def _shown(path: str) -> str:
+    """A stored (absolute) path as ``diqa score`` printed it when given paths relative to the
+    current folder: relative for files under it, absolute for the rest."""
+    relative = os.path.relpath(path)
+    return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
 def _warn_if_mixed(store, method: str | None, checkpoint: str | None) -> None:
     heads = store.heads(method=method, checkpoint=checkpoint)
     if len(heads) > 1:
@@ -90,10 +107,12 @@ def show_command(
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     checkpoint = _checkpoint_sha(checkpoint)
+    method = _method_name(method)
     with _open(db) as store:
         _warn_if_mixed(store, method, checkpoint)
-        rows = list(store.rows(method=method, checkpoint=checkpoint))
-        columns = _TABLE_COLUMNS if fmt == "table" else STORE_COLUMNS
+        rows = [{**row, "path": _shown(row["path"])} for row in store.rows(method=method, checkpoint=checkpoint)]
+        # JSON carries each row's details (a video's frames, decoder, per-frame scores) as an object.
+        columns = {"table": _TABLE_COLUMNS, "csv": STORE_COLUMNS}.get(fmt, (*STORE_COLUMNS, "details"))
         width = max((len(r["path"]) for r in rows), default=4)
         with open_writer(fmt, sys.stdout, columns=columns, path_width=width) as writer:
             for row in rows:
@@ -112,6 +131,7 @@ def stats_command(
     fmt = fmt.lower()
     if fmt not in ("table", "json"):
         raise UsageError(f"--format {fmt!r} is not one of table, json")
+    method = _method_name(method)
     with _open(db) as store:
         stats = store.stats(method=method, checkpoint=_checkpoint_sha(checkpoint))
     if fmt == "json":
@@ -161,7 +181,8 @@ def filter_command(
     print0: bool = typer.Option(False, "--print0", help="End each path with NUL, for `xargs -0`."),
 ) -> None:
     """Print the paths of the files whose latest score lies in [--min-score, --max-score], best
-    first, one per line (or NUL-terminated with --print0), or copy them with --copy-to.
+    first, one per line (or NUL-terminated with --print0), or copy them with --copy-to. Paths
+    under the current folder print relative to it, as `diqa score` printed them; others absolute.
 
     Exit status: 0, or 3 when some files could not be copied (each named on stderr).
     """
@@ -169,6 +190,7 @@ def filter_command(
         raise UsageError("--copy-to and --print0 do not go together: copy the files, or print their paths")
     if min_score is not None and max_score is not None and min_score > max_score:
         raise UsageError(f"--min-score {min_score} is above --max-score {max_score}")
+    method = _method_name(method)
     with _open(db) as store:
         methods = store.methods()
         if method is None:
@@ -191,7 +213,7 @@ def filter_command(
         out = sys.stdout.buffer
         end = b"\0" if print0 else b"\n"
         for path in paths:
-            out.write(os.fsencode(path) + end)
+            out.write(os.fsencode(_shown(path)) + end)
         out.flush()
         raise typer.Exit(EXIT_OK)
     failed = _copy_all(paths, copy_to)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import typer
 
-from diqa_cli.cli._terminal import progress_bar, same_terminal, tell
+from diqa_cli.cli._terminal import write_rows
 from diqa_cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
-from diqa_cli.output import FORMATS, columns_for, default_format, open_writer, rich_console
+from diqa_cli.output import FORMATS, columns_for, default_format, rich_console
 
 
 def register(app: typer.Typer) -> None:
@@ -138,19 +138,24 @@ def score(
     )
     if maps is not None and maps.exists() and not maps.is_dir():
         raise UsageError(f"--maps {str(maps)!r} is a file; name a folder (it is created if missing)")
+    from diqa_cli.scoring import checkpoint_label  # the released weights' name when no checkpoint is given
     from diqa_cli.store import ReuseRun, open_store
 
     with contextlib.ExitStack() as stack:
-        # A bad --db fails here, before the model loads.
+        # A bad --db fails here, before the model loads; with a store the model loads only once an
+        # input turns out not to be in it.
         store = stack.enter_context(open_store(db)) if db is not None else None
-        scorer = stack.enter_context(open_engine(engine, options, ray_address=ray_address, ray_actors=ray_actors))
+        scorer = stack.enter_context(
+            open_engine(engine, options, ray_address=ray_address, ray_actors=ray_actors, lazy=store is not None)
+        )
         if store is not None:
             # With --maps, results reused from the database get their maps written too.
             complete = scorer.complete if maps is not None else None
             rows = ReuseRun(items, scorer, store, hash_workers=workers, complete=complete)
         else:
             rows = scorer.score(items)
-        failed = _write_rows(items, rows, spec, checkpoint, fmt, cached_column=store is not None, map_column=maps is not None)
+        failed = write_rows(items, rows, fmt, row_columns(fmt, store=store is not None, maps=maps is not None),
+                            context={"checkpoint": checkpoint_label(checkpoint, spec)})
         if store is not None:
             print(f"diqa: reused {rows.reused} of {rows.reused + rows.scored} results from {db}", file=sys.stderr)
     if failed:
@@ -158,37 +163,15 @@ def score(
     raise typer.Exit(EXIT_PARTIAL if failed else EXIT_OK)
 
 
-def _write_rows(items, rows, spec, checkpoint, fmt: str, *, cached_column: bool, map_column: bool = False) -> int:
-    """Write ``rows`` to stdout as they come; returns how many failed."""
+def row_columns(fmt: str, *, store: bool, maps: bool, base: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The columns ``score`` (or ``base``'s command) prints: with --db, JSON rows say whether
+    they were reused from it; with --maps, rows name their map."""
     from diqa_cli.maps import MAP_COLUMN
-    from diqa_cli.scoring import checkpoint_label
 
-    # The released weights' manifest name stands for the checkpoint when none was given.
-    context = {"checkpoint": checkpoint_label(checkpoint, spec)}
-
-    failed = 0
-    # With --db, JSON rows say whether they were reused from it; with --maps, rows name their map.
-    columns = (*columns_for(fmt), "cached") if cached_column and fmt in ("json", "jsonl") else columns_for(fmt)
-    if map_column:
-        columns = (*columns, MAP_COLUMN)
-    with progress_bar(len(items)) as progress:
-        stdout_console = progress.console if progress is not None and same_terminal() else None
-        path_width = max((len(str(item.path)) for item in items), default=4)
-        # A closed pipe (`| head -1`) ends here too: diqa_cli.cli turns it into a quiet exit 141.
-        with open_writer(
-            fmt, sys.stdout, columns=columns, path_width=path_width, console=stdout_console
-        ) as writer:
-            rows = iter(rows)
-            with contextlib.closing(rows):  # stops the decoding threads on Ctrl-C or a closed pipe
-                for row in rows:
-                    row.update(context)
-                    if row["status"] != "ok":
-                        failed += 1
-                        tell(progress, f"diqa: {row['path']}: {row['error']}")
-                    writer.write(row)
-                    if progress is not None:
-                        progress.advance(progress.task_ids[0])
-    return failed
+    columns = columns_for(fmt) if base is None else base
+    if store and fmt in ("json", "jsonl"):
+        columns = (*columns, "cached")
+    return (*columns, MAP_COLUMN) if maps else columns
 
 
 def methods(

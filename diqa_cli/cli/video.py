@@ -14,8 +14,8 @@ from pathlib import Path
 
 import typer
 
-from diqa_cli.errors import EXIT_BROKEN_PIPE, EXIT_OK, EXIT_PARTIAL, UsageError
-from diqa_cli.output import FORMATS, default_format, open_writer
+from diqa_cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
+from diqa_cli.output import FORMATS, default_format
 
 # CSV carries the per-video columns; JSON adds the run's context (as ``diqa score`` does); the
 # table keeps what a person reads at a glance.
@@ -25,6 +25,8 @@ _CSV_COLUMNS = (
 )
 _JSON_COLUMNS = (*_CSV_COLUMNS, "clips", "method", "backbone", "checkpoint", "slowfast", "seconds")
 _TABLE_COLUMNS = ("path", "score", "status", "frames_sampled", "frames_lost", "decoder", "duration", "error")
+# CSV with --per-frame is long: one line per scored frame (its time and score), one per failed video.
+_LONG_COLUMNS = ("path", "time", "score", "status", "error")
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +36,19 @@ def register(app: typer.Typer) -> None:
 def _columns(fmt: str, per_frame: bool) -> tuple[str, ...]:
     if fmt in ("json", "jsonl"):
         return (*_JSON_COLUMNS, "per_frame") if per_frame else _JSON_COLUMNS
-    return _TABLE_COLUMNS if fmt == "table" else _CSV_COLUMNS
+    if fmt == "csv":
+        return _LONG_COLUMNS if per_frame else _CSV_COLUMNS
+    return _TABLE_COLUMNS
+
+
+def _frame_lines(row: dict) -> list[dict]:
+    """A video row in the long CSV format: one line per frame scored, or the row itself (failed,
+    no time) when there is none."""
+    frames = row.get("per_frame") or []
+    if row["status"] != "ok" or not frames:
+        return [{**row, "time": None}]
+    return [{"path": row["path"], "time": f["time"], "score": f["score"], "status": "ok", "error": None, **(
+        {"map": f["map"]} if "map" in f else {})} for f in frames]
 
 
 def score_video(
@@ -78,7 +92,10 @@ def score_video(
     fmt: str | None = typer.Option(
         None, "--format", "-f", help=f"{' | '.join(FORMATS)}. Default: table on a terminal, csv in a pipe.", show_default=False,
     ),
-    per_frame: bool = typer.Option(False, "--per-frame", help="Add each frame's time and score (json and jsonl only)."),
+    per_frame: bool = typer.Option(
+        False, "--per-frame",
+        help="Each frame's time and score: a list per row in json and jsonl; in csv one line per frame (path, time, score).",
+    ),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders of folder inputs."),
     seed: int | None = typer.Option(
         None, "--seed", help="Seed of the noise bank. Default: the one recorded in the checkpoint.", show_default=False,
@@ -90,13 +107,33 @@ def score_video(
         "by the frame's time); rows gain a `map` column naming the worst frame's overlay.",
         show_default=False,
     ),
+    workers: int = typer.Option(2, "--workers", "-j", min=1, help="Files hashed ahead at once with --db."),
+    db: Path | None = typer.Option(
+        None, "--db",
+        help="Score database (SQLite): record every result, and reuse those of videos scored before with the "
+        "same settings and frame choice.",
+        show_default=False,
+    ),
+    engine: str = typer.Option(
+        "local", "--engine", help="local (this process) or ray (an actor pool; pip install 'diqa-cli[ray]')."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address",
+        help="Ray cluster for --engine ray ('auto', HOST:PORT, ray://HOST:10001). "
+        "Default: $RAY_ADDRESS, else a new local instance.",
+        show_default=False,
+    ),
+    ray_actors: int | None = typer.Option(
+        None, "--ray-actors", min=1,
+        help="Scoring actors with --engine ray. Default: one per GPU, else one per 4 CPUs.",
+        show_default=False,
+    ),
 ) -> None:
     """Score videos; one row per video on stdout.
 
     Exit status: 0 every video scored, 3 some failed (each has an error row and a line on stderr),
     2 usage error, 1 fatal (weights missing, bad checkpoint), 130 interrupted.
     """
-    from diqa_cli.cli._terminal import progress_bar, same_terminal, tell
     from diqa_cli.home import offline_requested
     from diqa_cli.methods import default_method, get_method
     from diqa_cli.videoio import DECODERS, VIDEO_EXTENSIONS
@@ -104,8 +141,8 @@ def score_video(
     fmt = (fmt or default_format(sys.stdout)).lower()
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if per_frame and fmt not in ("json", "jsonl"):
-        raise UsageError("--per-frame adds a list per row, which only --format json or jsonl can carry")
+    if per_frame and fmt == "table":
+        raise UsageError("--per-frame needs --format json, jsonl (a list per row) or csv (one line per frame)")
     if decoder not in DECODERS:
         raise UsageError(f"--decoder {decoder!r} is not one of {', '.join(DECODERS)}")
     if fps_sub is not None and not fps_sub > 0:
@@ -126,62 +163,55 @@ def score_video(
 
     items = expand_inputs(paths, recursive=recursive, stdin=sys.stdin, extensions=VIDEO_EXTENSIONS, kind="video")
 
-    from diqa_cli.scoring import load_scorer
-    from diqa_cli.pipelines.videos import score_videos
+    from diqa_cli.cli._terminal import write_rows
+    from diqa_cli.cli.score import row_columns
+    from diqa_cli.engines import ScorerOptions, open_engine
+    from diqa_cli.store import ReuseRun, open_store
 
-    model, sidecar = load_scorer(
-        spec.name,
+    options = ScorerOptions(
+        method=spec.name,
         backbone=backbone,
         checkpoint=str(checkpoint) if checkpoint is not None else None,
         device=device,
         dtype=dtype,
         offline=offline,
         seed=seed,
+        batch_size=batch_size,
+        workers=workers,
+        maps=str(maps) if maps is not None else None,
+        fps_sub=fps_sub,
+        max_frames=max_frames,
+        max_clips=max_clips,
+        decoder=decoder,
+        # A score database keeps every video's frame scores, printed or not.
+        per_frame=per_frame or db is not None,
+        clip_encoder=slowfast,
     )
-    # A checkpoint's own relative SlowFast path is relative to the checkpoint, not the shell.
-    extractor = model.load_clip_encoder(
-        slowfast, relative_to=checkpoint.parent if checkpoint is not None else None, offline=offline
-    )
-    context = {"checkpoint": str(checkpoint) if checkpoint is not None else None}
-    map_writer = None
-    columns = _columns(fmt, per_frame)
-    if maps is not None:
-        from diqa_cli.maps import MAP_COLUMN
-        from diqa_cli.pipelines.maps import make_map_writer
+    columns = row_columns(fmt, store=db is not None, maps=maps is not None, base=_columns(fmt, per_frame))
 
-        map_writer = make_map_writer(maps, model)
-        columns = (*columns, MAP_COLUMN)
+    def note(row: dict) -> str | None:
+        if row.get("frames_lost"):
+            return (f"diqa: {row['path']}: {row['frames_lost']} of {row['frames_sampled']} chosen frames did not "
+                    "decode; scored on the rest")
+        return None
 
-    failed = 0
-    with progress_bar(len(items)) as progress:
-        stdout_console = progress.console if progress is not None and same_terminal() else None
-        path_width = max((len(str(item.path)) for item in items), default=4)
-        try:
-            with open_writer(
-                fmt, sys.stdout, columns=columns, path_width=path_width, console=stdout_console
-            ) as writer:
-                rows = score_videos(
-                    items, model, extractor, normalisation=sidecar["score_normalisation"], fps_sub=fps_sub,
-                    max_frames=max_frames, max_clips=max_clips, decoder=decoder, batch_size=batch_size,
-                    per_frame=per_frame, maps=map_writer,
-                )
-                with contextlib.closing(rows):  # stops the decoding thread on Ctrl-C or a closed pipe
-                    for row in rows:
-                        row.update(context)
-                        if row["status"] != "ok":
-                            failed += 1
-                            tell(progress, f"diqa: {row['path']}: {row['error']}")
-                        elif row.get("frames_lost"):
-                            tell(progress, f"diqa: {row['path']}: {row['frames_lost']} of {row['frames_sampled']} "
-                                            "chosen frames did not decode; scored on the rest")
-                        writer.write(row)
-                        if progress is not None:
-                            progress.advance(progress.task_ids[0])
-        except BrokenPipeError:
-            from diqa_cli.cli import _quiet_broken_pipe
-
-            _quiet_broken_pipe()
-            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+    with contextlib.ExitStack() as stack:
+        # A bad --db fails here, before the model loads; with a store the model loads only once an
+        # input turns out not to be in it.
+        store = stack.enter_context(open_store(db)) if db is not None else None
+        scorer = stack.enter_context(
+            open_engine(engine, options, ray_address=ray_address, ray_actors=ray_actors, lazy=store is not None)
+        )
+        if store is not None:
+            complete = scorer.complete if maps is not None else None
+            rows = ReuseRun(items, scorer, store, hash_workers=workers, complete=complete)
+        else:
+            rows = scorer.score(items)
+        context = {"checkpoint": str(checkpoint) if checkpoint is not None else None}
+        lines = _frame_lines if per_frame and fmt == "csv" else None
+        failed = write_rows(items, rows, fmt, columns, context=context, note=note, lines=lines)
+        if store is not None:
+            print(f"diqa: reused {rows.reused} of {rows.reused + rows.scored} results from {db}", file=sys.stderr)
     if failed:
         print(f"diqa: {failed} of {len(items)} videos failed", file=sys.stderr)
     raise typer.Exit(EXIT_PARTIAL if failed else EXIT_OK)

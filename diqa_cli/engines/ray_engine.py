@@ -1,7 +1,8 @@
 """Scoring on a Ray cluster: Ray Data's ``map_batches`` over an actor pool, one model per actor.
 
-Each actor builds the scorer once (``ScorerOptions.load``, i.e. ``scoring.load_scorer``) and runs
-``pipelines.images.score_images`` on its batches, so scores, error rows and their reasons are exactly the
+Each actor builds the scorer once (``ScorerOptions.load``: ``scoring.load_scorer``, and a video
+method's clip encoder) and runs it on its batches (``pipelines.images.score_images`` or
+``pipelines.videos.score_videos``), so scores, error rows and their reasons are exactly the
 single-process ones. Actors get one GPU each when the cluster has GPUs (``num_gpus=1``), else
 they are CPU actors sharing the cluster's CPUs. Image paths must be readable at the same path on
 every node (shared storage); only paths travel, never pixels.
@@ -24,6 +25,7 @@ Python use::
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -32,7 +34,7 @@ from typing import Any
 
 from diqa_cli.errors import DiqaError, UsageError
 
-__all__ = ["INSTALL_HINT", "RayEngine", "connect", "import_ray", "score_dataset", "ROW_COLUMNS"]
+__all__ = ["INSTALL_HINT", "RayEngine", "connect", "import_ray", "score_dataset", "ROW_COLUMNS", "VIDEO_COLUMNS"]
 
 INSTALL_HINT = "pip install 'diqa-cli[ray]'"
 # Ray decides at import which address its servers listen on. With this switched off (what Ray
@@ -40,6 +42,12 @@ INSTALL_HINT = "pip install 'diqa-cli[ray]'"
 # cannot be reached from the network.
 _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 ROW_COLUMNS = ("path", "score", "raw_score", "status", "error", "method", "backbone", "seconds")
+# A video row's own columns (``score_videos``); its per-frame list travels as JSON text.
+VIDEO_COLUMNS = ("frames_sampled", "frames_decoded", "frames_lost", "decoder", "duration", "clips", "per_frame")
+_COLUMN_TYPES = {
+    "score": "float64", "raw_score": "float64", "seconds": "float64", "duration": "float64",
+    "frames_sampled": "int64", "frames_decoded": "int64", "frames_lost": "int64", "clips": "int64",
+}
 _INPUT_ERROR = "input_error"  # a reason known before decoding (e.g. a glob matching nothing)
 
 
@@ -132,7 +140,8 @@ class _ScoringActor:
     def __init__(self, options, path_column: str):
         self.options = options
         self.path_column = path_column
-        self.model, self.sidecar = options.load()
+        self.scorer = options.load()
+        self.columns = (*ROW_COLUMNS, *VIDEO_COLUMNS, self.scorer.model.clip_encoder_column) if options.video else ROW_COLUMNS
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -147,16 +156,20 @@ class _ScoringActor:
         paths = [str(p) for p in batch.column(self.path_column).to_pylist()]
         known = batch.column(_INPUT_ERROR).to_pylist() if _INPUT_ERROR in batch.column_names else [None] * len(paths)
         items = [InputItem(path, error or None) for path, error in zip(paths, known, strict=True)]
-        rows = list(self.options.score(items, self.model, self.sidecar))
-        types = {"score": pa.float64(), "raw_score": pa.float64(), "seconds": pa.float64()}
-        return pa.table(
-            {c: pa.array([row.get(c) for row in rows], type=types.get(c, pa.string())) for c in ROW_COLUMNS}
-        )
+        rows = list(self.scorer.score(items))
+        for row in rows:
+            if row.get("per_frame") is not None:
+                row["per_frame"] = json.dumps(row["per_frame"])
+        return pa.table({
+            c: pa.array([row.get(c) for row in rows], type=getattr(pa, _COLUMN_TYPES.get(c, "string"))())
+            for c in self.columns
+        })
 
 
 def score_dataset(ds, options, *, actors: int | None = None, path_column: str = "path", rows_per_call: int | None = None):
-    """Score a Ray Dataset of image paths (column ``path_column``); returns a lazy Dataset with
-    the columns of :data:`ROW_COLUMNS`, one row per input (error rows included).
+    """Score a Ray Dataset of image or video paths (column ``path_column``); returns a lazy Dataset
+    with the columns of :data:`ROW_COLUMNS` (a video method's: and :data:`VIDEO_COLUMNS`, per-frame
+    scores as JSON text, and the clip encoder's), one row per input (error rows included).
 
     ``options`` is a :class:`~diqa_cli.engines.ScorerOptions`. Ray is initialised with
     :func:`connect` if it is not already. Rows come in the input's order only when the
@@ -176,9 +189,9 @@ def score_dataset(ds, options, *, actors: int | None = None, path_column: str = 
 
 
 def _probe(options):
-    """The settings an actor's scorer has (it runs where an actor would, with its resources)."""
-    model, sidecar = options.load()
-    return options.settings(model, sidecar)
+    """The settings an actor's scorer has (it runs where an actor would, with its resources: the
+    device there decides the dtype)."""
+    return options.settings()
 
 
 class RayEngine:
@@ -233,7 +246,12 @@ class RayEngine:
             batch = _unwrap(ray, lambda: next(batches, None))
             if batch is None:
                 return
-            yield from batch.to_pylist()
+            for row in batch.to_pylist():
+                if isinstance(row.get("per_frame"), str):
+                    row["per_frame"] = json.loads(row["per_frame"])
+                elif "per_frame" in row and not self.options.per_frame:
+                    del row["per_frame"]
+                yield row
 
     def close(self) -> None:
         if self._started:

@@ -89,7 +89,8 @@ def _sqlite_rows(path: Path) -> list[dict]:
     if ours is None:
         raise _not_rows(path, "an SQLite database without diqa's tables")
     with open_store(path, create=False) as store:
-        return list(store.rows())
+        # A video's frame counts and per-frame scores come back from the row's details.
+        return [{**row.pop("details"), **row} for row in store.rows()]
 
 
 def _jsonl_rows(path: Path, text: str) -> list[dict]:
