@@ -47,12 +47,13 @@ APPENDED = {
 }
 
 
-def readme_lines() -> list[str]:
-    """The `$ diqa …` lines of the README (pipelines and redirections included), in order."""
+def readme_lines(numbered: bool = False) -> list:
+    """The `$ diqa …` lines of the README (pipelines and redirections included), in order; with
+    ``numbered``, as (README line number, line)."""
     lines = []
-    for line in README.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(README.read_text(encoding="utf-8").splitlines(), 1):
         if line.startswith("$ ") and any(w == "diqa" for w in shlex.split(line[2:], comments=True)):
-            lines.append(line[2:])
+            lines.append((number, line[2:]) if numbered else line[2:])
     return lines
 
 
@@ -102,31 +103,42 @@ def _served_manifest(server: FileServer, tiny: Path, home: Path) -> Path:
     torch.save(released, buffer)
     (head_file,) = entries["dpiqa-koniq"]["files"]
     server.files[f"/drive/{head_file['path']}"] = buffer.getvalue()
+    head_file["url"] = f"{server.url}/drive/{head_file['path']}"
     entries["dpiqa-koniq"]["source"] = server.url + "/drive"
+    pickles = _published_pickles(server, entries)
     path = home / "manifest.json"
     path.write_text(json.dumps(manifest), encoding="utf-8")
-    return path
+    return path, pickles
 
 
-def _imagenet_b7(env: dict) -> None:
-    """Random weights in torchvision's EfficientNet-B7 layout where `diqa weights convert
-    efficientnet-b7-imagenet` leaves ImageNet's (the README's `--init imagenet` line reads them)."""
+def _serve_pickle(server: FileServer, entry: dict, state: dict) -> None:
+    """Serve ``state`` as ``entry``'s one pickle file, its hash recorded (stand-in weights)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    body = buffer.getvalue()
+    (file,) = entry["files"]
+    server.files[f"/{entry['name']}/{file['path']}"] = body
+    file.pop("sha256_prefix", None)
+    file.update(sha256=sha(body), size=len(body), url=f"{server.url}/{entry['name']}/{file['path']}")
+
+
+def _published_pickles(server: FileServer, entries: dict) -> list[str]:
+    """Random weights in the real architectures for the entries a README line reads after the
+    user pulled and converted them (the README says how): ImageNet EfficientNet-B7 for
+    `--init imagenet`, SlowFast R50 for GenzVQA training. Returns their names."""
     import torch
     import torchvision
-    from safetensors.torch import save_file
 
-    from diqa_cli import weights
+    from diqa_cli.models.slowfast import SLOWFAST_R50_CONFIG, SlowFastFeatures
 
-    with pytest.MonkeyPatch.context() as patch:
-        for key in ("DIQA_HOME", "DIQA_MANIFEST"):
-            patch.setenv(key, env[key])
-        entry = weights.entry("efficientnet-b7-imagenet")
-        target = entry.local_dir / entry.files[0].converted_path
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
-        state = torchvision.models.efficientnet_b7(weights=None).state_dict()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+        _serve_pickle(server, entries["efficientnet-b7-imagenet"], torchvision.models.efficientnet_b7(weights=None).state_dict())
+        slowfast = SlowFastFeatures(SLOWFAST_R50_CONFIG).net.state_dict()  # the zoo's key names
+        _serve_pickle(server, entries["slowfast-r50-k400"], {"model_state": slowfast})  # the zoo's wrapper
+    return ["efficientnet-b7-imagenet", "slowfast-r50-k400"]
 
 
 def _labels(path: Path, files: list[str], columns=("path", "mos", "split")) -> None:
@@ -148,16 +160,20 @@ def sandbox(tmp_path_factory, tiny_images):
     for folder in (home, work / "photos" / "more", work / "clips", work / "best", home / "data" / "photos"):
         folder.mkdir(parents=True)
     server = FileServer()
+    manifest, pickles = _served_manifest(server, tiny, home)
     env = {
         **os.environ,
         "HOME": str(home),
         "DIQA_HOME": str(home / ".cache" / "diqa"),
-        "DIQA_MANIFEST": str(_served_manifest(server, tiny, home)),
+        "DIQA_MANIFEST": str(manifest),
         "PATH": f"{Path(DIQA).parent}{os.pathsep}{os.environ['PATH']}",
     }
     for name in ("HF_HUB_OFFLINE", "DIQA_OFFLINE"):  # the weights come over the (local) network
         env.pop(name, None)
-    _imagenet_b7(env)
+    for name in pickles:  # as the README tells: pull the pickle, convert it to safetensors
+        for command in (["weights", "pull", name, "--allow-pickle"], ["weights", "convert", name]):
+            done = subprocess.run([DIQA, *command], env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr
 
     images = tiny_images(8, 96)
     for i, image in enumerate(images[:4]):
@@ -180,9 +196,12 @@ def sandbox(tmp_path_factory, tiny_images):
     for name in ("genzvqa", "lgdm"):  # the opening lines name heads in the current folder
         for suffix in (".safetensors", ".json"):
             shutil.copy(tiny / "heads" / f"{name}{suffix}", work / f"{name}{suffix}")
+    sidecar = json.loads((work / "genzvqa.json").read_text())
+    sidecar["config"]["slowfast"] = "slowfast.safetensors"  # beside this copy of the head
+    (work / "genzvqa.json").write_text(json.dumps(sidecar))
     for suffix in (".safetensors", ".json"):
         shutil.copy(tiny / "heads" / f"dpiqa-student{suffix}", work / "heads" / f"student-koniq{suffix}")
-    # The heads' sidecars name the clip encoder relative to the heads' folder, as the bundle does.
+    # heads/genzvqa.json names its clip encoder ../slowfast.safetensors, as in the bundle.
     shutil.copy(tiny / "slowfast.safetensors", work / "slowfast.safetensors")
     shutil.copy(tiny / "slowfast.json", work / "slowfast.json")
 
@@ -242,11 +261,12 @@ def set_up(sandbox):
     result = _run_line(first, work, env)
     assert result.returncode == 0, result.stderr
     assert "Accept this licence?" in result.stderr and "dpiqa is ready" in result.stderr
+    assert result.stdout == ""  # the question and its answer stay off the data stream
     return work, env
 
 
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("line", readme_lines())
+@pytest.mark.parametrize("line", readme_lines(), ids=[f"README.md:{n}" for n, _ in readme_lines(numbered=True)])
 def test_readme_line_runs_on_the_tiny_bundle(line, set_up, tmp_path):
     work, env = set_up
     cwd = tmp_path / "work"

@@ -154,7 +154,7 @@ def _set_up(specs, plan, *, accept_licence: bool, offline: bool, force: bool) ->
             return True
         if not sys.stdin.isatty():  # never accepted silently in a pipe
             return False
-        return typer.confirm(f"{part.entry.name} is {part.entry.licence}. Accept this licence?", default=False, err=True)
+        return _ask(f"{part.entry.name} is {part.entry.licence}. Accept this licence? [y/N]: ")
 
     with _progress() as progress:
         setup.setup(specs, accept=accept, offline=offline, force=force, progress=progress, notify=_err)
@@ -168,6 +168,17 @@ def _set_up(specs, plan, *, accept_licence: bool, offline: bool, force: bool) ->
                 f"`diqa train -m {spec.name} --data labels.csv --out {spec.name}.safetensors`, then "
                 f"`diqa {kind} … -m {spec.name} -c {spec.name}.safetensors`"
             )
+
+
+def _ask(question: str) -> bool:
+    """A yes/no question on stderr, the answer from stdin (click's confirm echoes a space to
+    stdout, which is data)."""
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    if not answer.endswith("\n"):
+        sys.stderr.write("\n")
+    return answer.strip().lower() in ("y", "yes")
 
 
 class _progress:
