@@ -35,10 +35,11 @@ class ScorerOptions:
     dtype: str = "auto"
     offline: bool = False
     seed: int | None = None
-    batch_size: int = 8
+    batch_size: int | str = 8  # or "auto": fit the device's free memory (``diqa_cli.batching``)
     workers: int = 2
     max_pixels: int | None = None
     maps: str | None = None  # folder for quality maps (``--maps``); local engine only
+    compile: bool = False  # torch.compile the model before scoring (``diqa_cli.compiling``)
 
     def load(self):
         """``(model, sidecar)`` as ``scoring.load_scorer`` builds them."""
@@ -60,13 +61,20 @@ class ScorerOptions:
         return settings_for(model, sidecar, checkpoint_file(self.checkpoint, model.method_name))
 
     def score(self, items, model, sidecar):
-        """Rows for ``items`` from a loaded scorer, in input order."""
+        """Rows for ``items`` from a loaded scorer, in input order. ``auto`` batch size and
+        compilation are resolved here, on the device that scores (a Ray actor's own GPU)."""
+        from diqa_cli.batching import resolve_batch_size
         from diqa_cli.pipelines.images import score_images
 
+        batch_size = resolve_batch_size(self.batch_size, model)
+        if self.compile:
+            from diqa_cli.compiling import compile_model
+
+            compile_model(model, batch_size=batch_size)
         return score_images(
             items,
             model,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             workers=self.workers,
             normalisation=sidecar["score_normalisation"],
             max_pixels=self.max_pixels,
