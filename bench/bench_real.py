@@ -433,7 +433,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
-    parser.add_argument("--methods", default="all", help="comma-separated method names, or all")
+    parser.add_argument("--methods", help="comma-separated method names, or all (default: all on CUDA and with "
+                        "--quick; on the CPU dpiqa,dpiqa-student, since one GenzIQA, LGDM or GenzVQA input takes "
+                        "minutes there)")
     parser.add_argument("--batch-size", type=int, help="images per batch (default: CUDA 8; CPU 1, 4 for a fast model)")
     parser.add_argument("--max-batch", type=int, default=8, help="images written and decoded for pure compute")
     parser.add_argument("--batches", type=int, help="batches per pipeline round (default CUDA 4, CPU 1)")
@@ -453,7 +455,12 @@ def main() -> int:
 
     from diqa_cli.methods import get_method, list_methods
 
-    specs = list_methods() if args.methods == "all" else [get_method(m) for m in args.methods.split(",")]
+    methods = args.methods
+    if methods is None:
+        from diqa_cli.backbone import resolve_device
+
+        methods = "all" if args.quick or resolve_device(args.device).type == "cuda" else f"{TEACHER},{STUDENT}"
+    specs = list_methods() if methods == "all" else [get_method(m) for m in methods.split(",")]
     released = parse_released(args.released)
     with contextlib.ExitStack() as stack:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="diqa-real-")))
