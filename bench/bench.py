@@ -18,8 +18,10 @@ image method, measured side by side in one run; then the video, enhance and stor
 2. Per method: images per second on the tiny backbone and at SD size (each method's default
    backbone config, random weights, 256 px), and U-Net evaluations per image, counted by a
    forward pre-hook on every U-Net the model calls.
-3. ``bench/bench_video.py``, ``bench_enhance.py``, ``bench_store.py`` and ``bench_maps.py`` as
-   subprocesses, each printing its own lines.
+3. ``bench/bench_real.py`` (every method at real size: pipeline over pure compute, MFU, peak
+   memory, student over teacher), ``bench_memory.py``, ``bench_video.py``, ``bench_enhance.py``,
+   ``bench_store.py`` and ``bench_maps.py`` as subprocesses, each printing its own lines; then one
+   ``bench=summary`` line repeats their ratios.
 
 The images are synthetic: crops of scikit-image's bundled photos (``skimage.data``) written as
 JPEGs about 512 px on the long side. Every network has random weights, so scores are
@@ -56,6 +58,8 @@ _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "
 # Other benches, run after this one's own measurements; the options make a short run where a
 # script has no --quick of its own.
 OTHER_BENCHES = {
+    "bench_real.py": [],  # has --quick
+    "bench_memory.py": [],
     "bench_video.py": ["--seconds", "2", "--repeats", "1"],
     "bench_enhance.py": ["--steps", "2", "--iterations", "2"],
     "bench_store.py": ["--images", "40"],
@@ -460,12 +464,30 @@ def run_other_benches(quick: bool, device: str) -> list[str]:
         report(subbench=script, options=",".join(options) or "defaults")
         progress(f"running {script} {' '.join(options)}")
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, str(path), *options], check=False)
+        done = subprocess.run([sys.executable, str(path), *options], check=False, stdout=subprocess.PIPE, text=True)
+        sys.stdout.write(done.stdout)
+        sys.stdout.flush()
+        RATIOS.update(_ratios(script, done.stdout))
         status = "ok" if done.returncode == 0 else f"failed(rc={done.returncode})"
         if done.returncode:
             failed.append(script)
         report(subbench=script, status=status, seconds=time.perf_counter() - started)
     return failed
+
+
+RATIOS: dict[str, str] = {}  # the summary's ratios, gathered from the other benches' output
+
+
+def _ratios(script: str, stdout: str) -> dict[str, str]:
+    """The ratios the summary repeats: bench_real's summary line (pipeline over pure compute,
+    MFU, student over teacher, diqa over released) and bench_memory's peak-memory ratio."""
+    found = {}
+    for line in stdout.splitlines():
+        if script == "bench_real.py" and line.startswith("bench=real_summary "):
+            found.update(field.split("=", 1) for field in line.split()[1:] if not field.startswith("images="))
+        if script == "bench_memory.py" and line.startswith("ratio peak memory after/before:"):
+            found["memory_one_unet_over_two"] = line.split(":", 1)[1].strip()
+    return found
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -611,6 +633,8 @@ def main() -> int:
         failed = [] if args.no_other_benches else run_other_benches(args.quick, args.device)
         report(bench="total", seconds=time.perf_counter() - wall, quick=args.quick, cpu_pressure_60s=cpu_pressure(),
                other_benches_failed=",".join(failed) or "none")
+        if RATIOS:
+            report(bench="summary", **RATIOS, speedup_vs_naive_reload_loop=f"{speedup:.2f}")
     print(f"speedup {speedup:.2f}", flush=True)
     return 1 if failed else 0
 

@@ -347,6 +347,10 @@ def load_backbone(
 
     for module in (unet, vae):
         module.to(torch_device).eval().requires_grad_(False)
+    from diqa_cli.models.xattn import install_shared_context_processors
+
+    # A context shared by the whole batch (an unconditional prompt) is projected once per layer.
+    install_shared_context_processors(unet)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return Backbone(
         ref=str(ref),

@@ -47,7 +47,10 @@ def score(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16 (half only where the device supports it)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    batch_size: str = typer.Option(
+        "8", "--batch-size", "-b",
+        help="Images per forward pass, or auto: the most that fit the device's free memory (measured once per model).",
+    ),
     workers: int = typer.Option(2, "--workers", "-j", min=1, help="Image-decoding threads."),
     fmt: str | None = typer.Option(
         None, "--format", "-f",
@@ -75,6 +78,10 @@ def score(
         help="Write a quality map of every scored image into this folder (overlay PNG and raw float TIFF); "
         "rows gain a `map` column. See `diqa methods` for how each method makes its map.",
         show_default=False,
+    ),
+    compile_model: bool = typer.Option(
+        False, "--compile",
+        help="torch.compile the model first (minutes once, cached in DIQA_HOME; needs a C++ compiler on CPU, Triton on CUDA).",
     ),
     engine: str = typer.Option(
         "local", "--engine", help="local (this process) or ray (an actor pool; pip install 'diqa-cli[ray]')."
@@ -121,6 +128,7 @@ def score(
 
     items = expand_inputs(paths, recursive=recursive, stdin=sys.stdin)
 
+    from diqa_cli.batching import parse_batch_size
     from diqa_cli.engines import ScorerOptions, open_engine
 
     options = ScorerOptions(
@@ -131,10 +139,11 @@ def score(
         dtype=dtype,
         offline=offline,
         seed=seed,
-        batch_size=batch_size,
+        batch_size=parse_batch_size(batch_size),
         workers=workers,
         max_pixels=max_pixels,
         maps=str(maps) if maps is not None else None,
+        compile=compile_model,
     )
     if maps is not None and maps.exists() and not maps.is_dir():
         raise UsageError(f"--maps {str(maps)!r} is a file; name a folder (it is created if missing)")

@@ -36,10 +36,11 @@ class ScorerOptions:
     dtype: str = "auto"
     offline: bool = False
     seed: int | None = None
-    batch_size: int = 8
+    batch_size: int | str = 8  # or "auto": fit the device's free memory (``diqa_cli.batching``)
     workers: int = 2
     max_pixels: int | None = None
     maps: str | None = None  # folder for quality maps (``--maps``); local engine only
+    compile: bool = False  # torch.compile the model before scoring (``diqa_cli.compiling``)
     fps_sub: float | None = None
     max_frames: int | None = None
     max_clips: int = 16
@@ -91,17 +92,20 @@ class ScorerOptions:
 
 
 class Scorer:
-    """A built scorer: ``model``, ``sidecar``, a video method's clip ``encoder`` and the quality-map
+    """A built scorer: ``model`` (weights channels-last, ``scoring.to_channels_last``: faster
+    convolutions, same scores), ``sidecar``, a video method's clip ``encoder`` and the quality-map
     writer of ``--maps``; ``score(items)`` gives rows in input order."""
 
     def __init__(self, options: ScorerOptions):
-        from diqa_cli.scoring import load_scorer
+        from diqa_cli.scoring import load_scorer, to_channels_last
 
         self.options = options
         self.model, self.sidecar = load_scorer(
             options.method, backbone=options.backbone, checkpoint=options.checkpoint, device=options.device,
             dtype=options.dtype, offline=options.offline, seed=options.seed,
         )
+        to_channels_last(self.model)
+        self._batch_size = None
         self.encoder = None
         if self.model.spec.input_kind == "video":
             from pathlib import Path
@@ -115,6 +119,20 @@ class Scorer:
 
             self.maps = make_map_writer(options.maps, self.model)
 
+    @property
+    def batch_size(self) -> int:
+        """``--batch-size``, ``auto`` resolved on the device that scores (a Ray actor's own GPU);
+        with ``--compile`` the model is compiled for it on first use."""
+        if self._batch_size is None:
+            from diqa_cli.batching import resolve_batch_size
+
+            self._batch_size = resolve_batch_size(self.options.batch_size, self.model)
+            if self.options.compile:
+                from diqa_cli.compiling import compile_model
+
+                compile_model(self.model, batch_size=self._batch_size)
+        return self._batch_size
+
     def score(self, items, *, per_frame: bool | None = None):
         """Rows for ``items``, in input order. ``per_frame`` overrides the options' (a score store
         keeps every video's frame scores, whether or not they are printed)."""
@@ -123,13 +141,13 @@ class Scorer:
         if self.encoder is None:
             from diqa_cli.pipelines.images import score_images
 
-            return score_images(items, self.model, batch_size=o.batch_size, workers=o.workers,
+            return score_images(items, self.model, batch_size=self.batch_size, workers=o.workers,
                                 normalisation=normalisation, max_pixels=o.max_pixels, maps=self.maps)
         from diqa_cli.pipelines.videos import score_videos
 
         return score_videos(
             items, self.model, self.encoder, normalisation=normalisation, fps_sub=o.fps_sub, max_frames=o.max_frames,
-            max_clips=o.max_clips, decoder=o.decoder, batch_size=o.batch_size,
+            max_clips=o.max_clips, decoder=o.decoder, batch_size=self.batch_size,
             per_frame=o.per_frame if per_frame is None else per_frame, maps=self.maps,
         )
 

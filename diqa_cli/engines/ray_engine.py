@@ -181,7 +181,8 @@ def score_dataset(ds, options, *, actors: int | None = None, path_column: str = 
     return ds.map_batches(
         _ScoringActor,
         fn_constructor_kwargs={"options": options, "path_column": path_column},
-        batch_size=rows_per_call or max(4 * options.batch_size, 16),
+        # With --batch-size auto each actor sizes its own batches; 64 paths per call then.
+        batch_size=rows_per_call or (max(4 * options.batch_size, 16) if isinstance(options.batch_size, int) else 64),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=count),
         **resources,

@@ -187,6 +187,7 @@ class DPIQA(QualityModel):
         from diffusers.models.adapter import FullAdapter
 
         from diqa_cli.backbone import clip_text_features
+        from diqa_cli.models.xattn import install_shared_context_processors
         from diqa_cli.taps import feature_info
 
         unet = backbone.unet
@@ -236,6 +237,8 @@ class DPIQA(QualityModel):
             # Training changes the U-Net's weights: work on a copy, so the backbone's U-Net stays
             # frozen and pretrained for anything else built on it.
             unet = copy.deepcopy(unet).requires_grad_(True)
+        # The prompt context is the same for every image: its keys and values are projected once.
+        install_shared_context_processors(unet)
         self.unet = unet
         self.gamma = nn.Parameter(torch.full((text_dim,), float(gamma_init), device=backbone.device))
         self.text_adapter = TextAdapter(text_dim, int(text_adapter_hidden or text_dim))
@@ -256,6 +259,7 @@ class DPIQA(QualityModel):
         )
         for module in (self.text_adapter, self.img_adapter, self.QFD):
             module.to(backbone.device)
+        self._context_cache: tuple | None = None  # (key, (tokens, D) context in the U-Net's dtype)
 
     @staticmethod
     def _clip_ref(backbone, clip: str) -> str:
@@ -285,12 +289,32 @@ class DPIQA(QualityModel):
 
         latents = backbone.encode(pixels).to(unet_dtype)  # [0, 1] straight in: the released convention
         residuals = [r.to(unet_dtype) for r in self.img_adapter(pixels.to(head_dtype))]
-        context = self.text_adapter(self.class_embeddings.to(head_dtype), self.gamma)
-        context = context.to(unet_dtype).unsqueeze(0).expand(batch, -1, -1)
+        # A batch-expanded view (stride 0): the U-Net's cross-attention projects it once.
+        context = self._prompt_context().unsqueeze(0).expand(batch, -1, -1)
         timestep = torch.ones(batch, dtype=torch.long, device=backbone.device)
         with UNetTaps(self.unet, list(FEATURE_LAYERS)) as taps:
             features = taps(latents, timestep, context, down_intrablock_additional_residuals=residuals)
         return self.QFD(*(features[name].to(head_dtype) for name in _QFD_ORDER))
+
+    def _prompt_context(self) -> torch.Tensor:
+        """The text adapter's output on the prompt features, (tokens, D) in the U-Net's dtype. The
+        same for every image: recomputed on every call while training or while gradients should
+        reach the adapter, otherwise kept until ``gamma`` or the adapter's weights change (an
+        optimiser step or a checkpoint load bumps their version counters)."""
+        params = (self.gamma, *self.text_adapter.parameters())
+
+        def compute() -> torch.Tensor:
+            texts = self.class_embeddings.to(self.QFD.fc3.weight.dtype)
+            return self.text_adapter(texts, self.gamma).to(self.unet.dtype)
+
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return compute()
+        key = (self.unet.dtype, self.class_embeddings.data_ptr(), tuple((p.data_ptr(), p._version) for p in params))
+        if self._context_cache is None or self._context_cache[0] != key:
+            # Outside any inference mode, so the kept tensor can join a later autograd graph.
+            with torch.inference_mode(False), torch.no_grad():
+                self._context_cache = (key, compute())
+        return self._context_cache[1]
 
     def quality_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B,) and the quality map (B, R/8, R/8): each latent cell's contribution to the
