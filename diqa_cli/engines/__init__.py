@@ -92,20 +92,25 @@ class ScorerOptions:
 
 
 class Scorer:
-    """A built scorer: ``model`` (weights channels-last, ``scoring.to_channels_last``: faster
-    convolutions, same scores), ``sidecar``, a video method's clip ``encoder`` and the quality-map
-    writer of ``--maps``; ``score(items)`` gives rows in input order."""
+    """A built scorer: ``model``, ``sidecar``, a video method's clip ``encoder``, the quality-map
+    writer of ``--maps`` and the ``batch_size`` (``--batch-size auto`` resolved on the device that
+    scores, a Ray actor's own GPU; with ``--compile`` the model is compiled for it);
+    ``score(items)`` gives rows in input order."""
 
     def __init__(self, options: ScorerOptions):
-        from diqa_cli.scoring import load_scorer, to_channels_last
+        from diqa_cli.batching import resolve_batch_size
+        from diqa_cli.scoring import load_scorer
 
         self.options = options
         self.model, self.sidecar = load_scorer(
             options.method, backbone=options.backbone, checkpoint=options.checkpoint, device=options.device,
             dtype=options.dtype, offline=options.offline, seed=options.seed,
         )
-        to_channels_last(self.model)
-        self._batch_size = None
+        self.batch_size = resolve_batch_size(options.batch_size, self.model)
+        if options.compile:
+            from diqa_cli.compiling import compile_model
+
+            compile_model(self.model, batch_size=self.batch_size)
         self.encoder = None
         if self.model.spec.input_kind == "video":
             from pathlib import Path
@@ -118,20 +123,6 @@ class Scorer:
             from diqa_cli.pipelines.maps import make_map_writer
 
             self.maps = make_map_writer(options.maps, self.model)
-
-    @property
-    def batch_size(self) -> int:
-        """``--batch-size``, ``auto`` resolved on the device that scores (a Ray actor's own GPU);
-        with ``--compile`` the model is compiled for it on first use."""
-        if self._batch_size is None:
-            from diqa_cli.batching import resolve_batch_size
-
-            self._batch_size = resolve_batch_size(self.options.batch_size, self.model)
-            if self.options.compile:
-                from diqa_cli.compiling import compile_model
-
-                compile_model(self.model, batch_size=self._batch_size)
-        return self._batch_size
 
     def score(self, items, *, per_frame: bool | None = None):
         """Rows for ``items``, in input order. ``per_frame`` overrides the options' (a score store
