@@ -1,6 +1,7 @@
-"""Image decoding in worker processes: each input under a memory ceiling and a time limit.
+"""Image and video decoding in worker processes: each input under a memory ceiling and a time limit.
 
-Image decoders are native code fed untrusted bytes. One that crashes (a segfault in a codec),
+Image and video decoders (Pillow's codecs, PyAV's ffmpeg, decord) are native code fed untrusted
+bytes. One that crashes (a segfault in a codec),
 hangs (a pipe that never sends data, a pathological stream) or asks for more memory than the
 machine has would take a whole run down with it if it ran in the scoring process. Here each
 input is decoded and resized in a small pool of worker processes instead, and the worst one
@@ -12,7 +13,12 @@ input can do is cost its own row:
     of memory (limit 4096 MiB)".
   * time: ``DIQA_DECODE_TIMEOUT`` seconds (default 120) of wall-clock time per input, counted
     from when a worker takes it; past that the worker is killed: "decoding took longer than
-    120 s".
+    120 s". A video has that plus ``DIQA_DECODE_FRAME_TIMEOUT`` seconds (default 1) for each
+    frame it plans to decode (its chosen frames and its clips' distinct frames, known once it has
+    opened): GenzVQA's default 8 frames and 16 one-second clips of 32 frames make 120 + 520 s.
+    One second a frame is far more than a frame takes to decode, and the 120 s cover opening,
+    indexing and the seeking that sparse picks in long GOPs need. The
+    time a worker waits for the consumer to take its parts does not count.
   * crashes: a worker that dies (a signal, ``os._exit``) gives "decoder crashed (signal 11)";
     SIGKILL adds that it is often the system running out of memory.
   A worker that was killed or died is replaced and the run goes on with the next input; an
@@ -31,6 +37,21 @@ sources (a quarter of the float size) or float32 (3, R, R); the float conversion
 A worker holds two inputs at a time so it never waits between them, and a manager thread keeps
 them fed while the consumer works. Idle workers are kept for the next ``iter_images`` call of
 the process.
+
+Videos (``decode_video_in_processes``, called by ``videoio.video_parts``): the worker runs
+``videoio.decode_for_model`` and sends each part as it comes, not the video in one piece: each
+clip's uint8 crops, and the chosen frames already resized to the model's resolution as uint8, in
+the model's batches (the float conversion happens here, so scores are bit-identical to decoding
+in this process). A part is the JSON of its few numbers (the video's state, timestamps, each
+array's dtype and shape), checked field by field, then the arrays' bytes, checked against the
+request's shapes. At most ``_PARTS_AHEAD`` parts wait for the consumer; then the manager stops
+reading that worker, whose pipe fills and makes it wait, so a long video never piles up here. The
+pipe, not shared memory: GenzVQA's default plan on an 8 s 640x360 clip moves 45 MB, and reading it
+costs the calling process 0.04 to 0.05 s of CPU against 0.69 to 0.73 s for decoding the video in
+it (``bench/bench_decode.py``, three runs on 2 shared CPU cores, load average 6.6 to 8.9): the
+isolated video took 0.85, 1.02 and 0.86 times the in-thread rate, the first call 0.5 to 0.9 s more
+for the worker's start. Video workers import PyAV and decord before their address space is
+capped, and are kept apart from image workers.
 
 Cost (``bench/bench_decode.py``, four runs on 2 CPU cores shared with other jobs, load average
 2.5 to 4.5, so noisy): the first call waits 0.16 to 0.28 s for its workers (a Python start plus
@@ -51,7 +72,7 @@ this process (``pillow_heif.register_heif_opener()``, ``ImageFile.LOAD_TRUNCATED
 not reach them; diqa registers none, and decodes with Pillow's defaults on purpose.
 
 ``isolation="thread"`` (or ``DIQA_DECODE_ISOLATION=thread``) decodes in threads of this process
-instead: no worker start-up and no copy through a pipe, but no memory ceiling, no time limit, no
+instead (a video in the thread that asks for it): no worker start-up and no copy through a pipe, but no memory ceiling, no time limit, no
 protection from a crashing codec, and codec chatter reaches stderr. It is the mode for
 platforms without worker processes.
 """

@@ -42,6 +42,17 @@ Clips for SlowFast (:func:`plan_clips`, :meth:`VideoReader.clips`)
 Errors: missing, directory, empty, unreadable or non-video files, files without a video stream,
 still images, and streams with no decodable frame raise ``InputError(path, reason)`` with a short
 one-line reason.
+
+Bounded allocations: frames a header declares over the pixel limit (``DIQA_MAX_PIXELS``, 100
+megapixels) are refused before any frame is decoded; ffmpeg is held to the limit for every frame
+it allocates later (a larger frame met mid-stream is lost, not allocated); a decode chunk holds at
+most the limit's pixels; frame plans grow with the frames, never with the duration a header
+declares; and a header declaring more frames than the file has bytes (or 10 million) is read
+with PyAV, as decord sizes an index by that count before reading anything.
+
+Decoding for a model (:func:`video_parts`, what ``pipelines/videos.py`` uses) runs in a decoder
+process by default (``diqa_cli.decodepool``): a decoder that crashes, hangs or runs out of memory
+costs only its video.
 """
 
 from __future__ import annotations

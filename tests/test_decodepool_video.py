@@ -4,6 +4,7 @@ that video. Every file is made here in tmp_path."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -87,7 +88,7 @@ def test_process_and_thread_decoding_give_the_same_parts_and_state(video, tmp_pa
                                container_options={"movflags": "faststart"}).read_bytes())
     damaged[len(damaged) // 2:len(damaged) // 2 + 3000] = bytes(3000)
     (tmp_path / "damaged.mp4").write_bytes(bytes(damaged))
-    request = VideoRequest(**{**REQUEST.__dict__, "keep_frames": keep_frames})
+    request = dataclasses.replace(REQUEST, keep_frames=keep_frames)
     for path in (video, tmp_path / "damaged.mp4", encode(tmp_path / "b.webm", "libvpx-vp9")):
         by_process = decode(path, request, isolation="process")
         by_thread = decode(path, request, isolation="thread")

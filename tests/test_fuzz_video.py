@@ -11,6 +11,7 @@ changes its size, and ``DIQA_FUZZ_SECONDS=N`` runs the ``slow`` test, which fuzz
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -80,7 +81,7 @@ def fuzz(tmp_path, seed: int, count: int) -> dict[str, int]:
     started = time.monotonic()
     outcomes: dict[str, int] = {}
     for index, path in enumerate(paths):
-        request = REQUEST if index % 3 else VideoRequest(**{**REQUEST.__dict__, "keep_frames": True})
+        request = REQUEST if index % 3 else dataclasses.replace(REQUEST, keep_frames=True)
         key = outcome(path, request)
         outcomes[key] = outcomes.get(key, 0) + 1
     elapsed = time.monotonic() - started

@@ -10,8 +10,9 @@ GenzVQA) is any :class:`~diqa_cli.models.base.ClipEncoder`. For each video:
    its spec's filter and passed to ``model.frame_features`` in batches of ``batch_size``.
 3. ``model.video_score(all frame features, all clip features)`` gives the raw score.
 
-Decoding runs one thread ahead of the networks (both release the GIL). A video that cannot be
-decoded, or whose scoring fails, gets an error row; the run goes on.
+Decoding runs one thread ahead of the networks (both release the GIL), in a decoder process
+(``videoio.video_parts``): a decoder that crashes, hangs or runs out of memory costs its video only.
+A video that cannot be decoded, or whose scoring fails, gets an error row; the run goes on.
 """
 
 from __future__ import annotations
