@@ -25,10 +25,11 @@ test-slow: install
 demo: install
 	$(OFFLINE) $(BIN)/diqa demo
 
-# The decoder fuzz test with a longer budget than `make test` gives it (seconds; FUZZ_SECONDS=N).
+# The image and video decoder fuzz tests with a longer budget than `make test` gives them
+# (seconds for each; FUZZ_SECONDS=N).
 FUZZ_SECONDS ?= 300
 fuzz: install
-	$(OFFLINE) DIQA_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q tests/test_fuzz_decode.py
+	$(OFFLINE) DIQA_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -s tests/test_fuzz_decode.py tests/test_fuzz_video.py -k time_budget
 
 # The README's map image: the overlay `diqa demo` writes for its half-noised photo.
 readme-map: install

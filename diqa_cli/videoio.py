@@ -42,6 +42,17 @@ Clips for SlowFast (:func:`plan_clips`, :meth:`VideoReader.clips`)
 Errors: missing, directory, empty, unreadable or non-video files, files without a video stream,
 still images, and streams with no decodable frame raise ``InputError(path, reason)`` with a short
 one-line reason.
+
+Bounded allocations: frames a header declares over the pixel limit (``DIQA_MAX_PIXELS``, 100
+megapixels) are refused before any frame is decoded; ffmpeg is held to the limit for every frame
+it allocates later (a larger frame met mid-stream is lost, not allocated); a decode chunk holds at
+most the limit's pixels; frame plans grow with the frames, never with the duration a header
+declares; and a header declaring more frames than the file has bytes (or 10 million) is read
+with PyAV, as decord sizes an index by that count before reading anything.
+
+Decoding for a model (:func:`video_parts`, what ``pipelines/videos.py`` uses) runs in a decoder
+process by default (``diqa_cli.decodepool``): a decoder that crashes, hangs or runs out of memory
+costs only its video.
 """
 
 from __future__ import annotations
@@ -63,11 +74,15 @@ __all__ = [
     "KINETICS_MEAN",
     "KINETICS_STD",
     "VIDEO_EXTENSIONS",
+    "DecodeReport",
     "DecodeStats",
     "FrameBatch",
     "FramePlan",
     "VideoFrames",
     "VideoReader",
+    "VideoRequest",
+    "decode_for_model",
+    "model_pixels",
     "open_video",
     "pick_frames",
     "plan_clips",
@@ -75,6 +90,7 @@ __all__ = [
     "read_frames",
     "resize_frame",
     "square_crop",
+    "video_parts",
 ]
 
 DECODERS = ("auto", "decord", "pyav")
@@ -94,6 +110,12 @@ KINETICS_STD = (0.225, 0.225, 0.225)
 # ffmpeg demuxers that open a file that is not a video: still images (image2 and the
 # ``*_pipe`` image demuxers) and ANSI art, which ffmpeg's tty demuxer reads from text files.
 _NOT_VIDEO_FORMATS = ("image2", "tty")
+
+# Frames a header may declare before decord is not asked to index the file (about 250 MB of index).
+_DECORD_MAX_DECLARED_FRAMES = 10_000_000
+
+# ffmpeg's int options (max_pixels) stop here.
+_FFMPEG_INT_MAX = 2**31 - 1
 
 # Seconds of float noise ignored when matching sample times to frame timestamps (0.1 ms: far
 # below any frame interval).
@@ -133,19 +155,14 @@ def pick_frames(
     times = np.asarray(timestamps, dtype=np.float64)
     if times.ndim != 1 or len(times) == 0:
         raise ValueError("pick_frames needs at least one frame timestamp")
-    if fps_sub is None and max_frames is None:
-        raise UsageError("choose frames with fps_sub (frames per second) and/or max_frames (a count)")
-    if fps_sub is not None and not (math.isfinite(fps_sub) and fps_sub > 0):
-        raise UsageError(f"--fps-sub must be a positive number of frames per second, got {fps_sub}")
-    if max_frames is not None and max_frames < 1:
-        raise UsageError(f"--max-frames must be at least 1, got {max_frames}")
+    _check_sampling(fps_sub, max_frames)
     duration = max(float(duration), float(times[-1]))
     if fps_sub is not None:
         # The tolerance keeps 3.0 s at 4 fps at 12 samples despite float rounding.
         count = max(1, math.ceil(duration * fps_sub - 1e-6))
-        targets = np.arange(count, dtype=np.float64) / fps_sub
-        if max_frames is not None and count > max_frames:
-            targets = targets[np.round(np.linspace(0, count - 1, max_frames)).astype(int)]
+        if max_frames is None or count <= max_frames:
+            return _every_sample(times, count, fps_sub, available)
+        targets = np.round(np.linspace(0, count - 1, max_frames)) / fps_sub
     else:
         # Evenly from the first frame to the start of the last frame the stream declares.
         missing = duration - available if available is not None else 0.0
@@ -155,6 +172,43 @@ def pick_frames(
     # starts within _TIME_TOLERANCE after a sample time is the one shown at it.
     chosen = np.searchsorted(times, targets[reachable] + _TIME_TOLERANCE, side="right") - 1
     return FramePlan(indices=np.unique(np.clip(chosen, 0, len(times) - 1)), unreachable=int((~reachable).sum()))
+
+
+def _every_sample(times: np.ndarray, count: int, fps_sub: float, available: float | None) -> FramePlan:
+    """``pick_frames`` for the ``count`` sample times k / fps_sub, found frame by frame instead of
+    sample by sample: the same plan in memory that grows with the frames, not with the samples
+    (a header may declare years of video). Sample times rise with k, so the samples that show
+    frame i are those from the first one at or after its start, if that one is before the next
+    frame's start."""
+    reachable = count if available is None else min(count, int(_first_sample(np.array([available]), fps_sub, 0.0)[0]))
+    first = _first_sample(times, fps_sub, _TIME_TOLERANCE)
+    chosen = first < reachable
+    chosen[:-1] &= first[:-1] / fps_sub + _TIME_TOLERANCE < times[1:]
+    if reachable and times[0] > _TIME_TOLERANCE:  # samples before the first frame show the first frame
+        chosen[0] = True
+    return FramePlan(indices=np.flatnonzero(chosen), unreachable=count - reachable)
+
+
+def _first_sample(starts: np.ndarray, rate: float, tolerance: float) -> np.ndarray:
+    """For each start, the smallest k >= 0 whose sample time k / rate (+ ``tolerance``, as float
+    arithmetic gives it) is at or after it: estimated, then stepped until exact."""
+    k = np.maximum(np.ceil((starts - tolerance) * rate), 0.0)
+    for _ in range(8):  # the estimate is off by a rounding step or two
+        lower = (k > 0) & ((k - 1) / rate + tolerance >= starts)
+        higher = k / rate + tolerance < starts
+        if not (lower.any() or higher.any()):
+            break
+        k = k - lower + higher
+    return k
+
+
+def _check_sampling(fps_sub: float | None, max_frames: int | None) -> None:
+    if fps_sub is None and max_frames is None:
+        raise UsageError("choose frames with fps_sub (frames per second) and/or max_frames (a count)")
+    if fps_sub is not None and not (math.isfinite(fps_sub) and fps_sub > 0):
+        raise UsageError(f"--fps-sub must be a positive number of frames per second, got {fps_sub}")
+    if max_frames is not None and max_frames < 1:
+        raise UsageError(f"--max-frames must be at least 1, got {max_frames}")
 
 
 def plan_clips(
@@ -167,9 +221,9 @@ def plan_clips(
     if clip_len < 1 or max_clips < 1:
         raise UsageError(f"clips need clip_len and max_clips of at least 1 (got {clip_len}, {max_clips})")
     seconds = max(1, math.floor(max(float(end), float(times[-1])) + 1e-6))
-    starts = np.searchsorted(times, np.arange(seconds, dtype=np.float64) + _TIME_TOLERANCE, side="right") - 1
-    if len(starts) > max_clips:
-        starts = starts[np.round(np.linspace(0, len(starts) - 1, max_clips)).astype(int)]
+    # The seconds are chosen before they are looked up: a header may declare years of video.
+    chosen = np.arange(seconds, dtype=np.float64) if seconds <= max_clips else np.round(np.linspace(0, seconds - 1, max_clips))
+    starts = np.searchsorted(times, chosen + _TIME_TOLERANCE, side="right") - 1
     last = len(times) - 1
     return [np.minimum(np.arange(start, start + clip_len), last) for start in np.clip(starts, 0, last)]
 
@@ -241,10 +295,12 @@ class _PyAVStream:
 
     name = "pyav"
 
-    def __init__(self, path: str, header):
+    def __init__(self, path: str, header, max_pixels: int):
         self.path = path
         self.stream_index = header.stream_index
         self.time_base = header.time_base
+        self.max_pixels = max_pixels
+        self.seekable = True  # until a seek fails
         self._container = None
         entries = []  # (timestamp, keyframe, duration) per packet, in decode order
         container, stream = self._open()
@@ -293,6 +349,9 @@ class _PyAVStream:
         self._container = av.open(self.path, metadata_errors="ignore")
         stream = self._container.streams[self.stream_index]
         stream.thread_type = "AUTO"
+        # ffmpeg checks every frame buffer it allocates against this (a size change mid-stream
+        # included): a frame over diqa's pixel limit fails to decode instead of being allocated.
+        stream.codec_context.options = {"max_pixels": str(min(self.max_pixels, _FFMPEG_INT_MAX))}
         return self._container, stream
 
     def close(self) -> None:
@@ -309,7 +368,11 @@ class _PyAVStream:
         else:
             container, stream = self._container, self._container.streams[self.stream_index]
         if seek_pts is not None:
-            container.seek(int(seek_pts), stream=stream, backward=True, any_frame=False)
+            try:
+                container.seek(int(seek_pts), stream=stream, backward=True, any_frame=False)
+            except av.error.FFmpegError:  # a damaged index: from the start, and no more seeking
+                self.seekable = False
+                container, stream = self._open()
         packets = container.demux(stream)
         while True:
             try:
@@ -328,8 +391,11 @@ class _PyAVStream:
         """(index, rgb) for each of ``indices`` (sorted) that decodes, in order."""
         wanted = self.pts[indices]
         pos, count = 0, len(indices)
-        seekable = self.has_pts
+        seekable = self.has_pts and len(self.keyframes) > 0  # damage can leave no packet marked key
         frames, check = self._decoded(None), None
+        # Each seek goes to a later keyframe than the last one: a seek that lands before its
+        # keyframe (some demuxers seek coarsely) decodes on from there instead of seeking again.
+        jumped = -math.inf
         while pos < count:
             jump = None
             for output, frame in enumerate(frames):
@@ -348,10 +414,10 @@ class _PyAVStream:
                     pos += 1
                 if pos >= count:
                     return
-                if seekable:
+                if seekable and self.seekable:
                     key = self.keyframes[max(0, np.searchsorted(self.keyframes, wanted[pos], side="right") - 1)]
-                    if key > stamp:  # the next chosen frame starts a later group: skip to it
-                        jump = int(key)
+                    if key > max(stamp, jumped):  # the next chosen frame starts a later group: skip to it
+                        jump = jumped = int(key)
                         break
             else:
                 return  # the stream ended; the rest did not decode
@@ -366,7 +432,7 @@ class _DecordStream:
 
     name = "decord"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, header):
         import decord
 
         decord.logging.set_level(decord.logging.QUIET)
@@ -375,6 +441,13 @@ class _DecordStream:
         if count == 0:
             raise RuntimeError("decord found no frames")
         spans = np.asarray(self.reader.get_frame_timestamp(np.arange(count)), dtype=np.float64)
+        # decord gives a frame without a timestamp (MPEG program and transport streams stamp only
+        # some) ffmpeg's "no value", INT64_MIN ticks; PyAV's timeline orders such frames itself.
+        missing = float(-(2**63) * header.time_base) if header.time_base else -math.inf
+        if not np.isfinite(spans).all() or np.isclose(spans[:, 0], missing, rtol=1e-3).any():
+            raise RuntimeError("decord gives some frames no timestamp")
+        if np.any(np.diff(spans[:, 0]) < 0):
+            raise RuntimeError("decord's frame timestamps go backwards")
         self.timestamps = spans[:, 0] - spans[0, 0]
         self.end = float(max(spans[-1, 1], spans[-1, 0]) - spans[0, 0])
 
@@ -394,6 +467,10 @@ class _Header:
     codec: str
     width: int
     height: int
+    # The most frames the header declares (its frame count, or its durations times its rates), and
+    # the file's size
+    declared_frames: float
+    file_bytes: int
 
 
 def _read_header(path: str) -> _Header:
@@ -428,13 +505,19 @@ def _read_header(path: str) -> _Header:
             cover = " and cover art" if container.streams.video else ""
             found = f" (only {', '.join(kinds)}{cover})" if kinds else ""
             raise InputError(path, f"no video stream{found}")
-        stream = videos[0]
+        # A stream whose codec ffmpeg does not know (or whose header names none) has no context.
+        known = [s for s in videos if s.codec_context is not None]
+        if not known:
+            raise InputError(path, "no decoder for its video stream: an unknown codec or a damaged header")
+        stream = known[0]
         declared = None
         if stream.duration is not None and stream.time_base:
             declared = float(stream.duration * stream.time_base)
         elif container.duration is not None and len(container.streams) == 1:
             declared = container.duration / 1_000_000  # av.time_base: microseconds
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        durations = [declared or 0.0, (container.duration or 0) / 1_000_000]
+        rates = [float(r) for r in (stream.average_rate, stream.guessed_rate, stream.base_rate) if r]
         return _Header(
             stream_index=stream.index,
             time_base=stream.time_base,
@@ -443,6 +526,8 @@ def _read_header(path: str) -> _Header:
             codec=stream.codec_context.name,
             width=stream.codec_context.width,
             height=stream.codec_context.height,
+            declared_frames=max(max(durations) * max(rates, default=0.0), float(stream.frames or 0)),
+            file_bytes=st.st_size,
         )
 
 
@@ -456,32 +541,56 @@ class VideoReader:
     the last frame stops showing), ``duration`` (the longer of ``end`` and the declared duration),
     ``fps`` (frames over their span), ``codec``, ``decoder`` (see the module docstring) and
     ``fallback`` (why PyAV decoded instead of decord, or None). Use as a context manager.
+
+    ``max_pixels`` (default: ``imageio.max_pixels_limit()``, 100 megapixels or
+    ``$DIQA_MAX_PIXELS``) bounds what a frame may allocate: a stream whose header declares larger
+    frames is refused before any frame is decoded, ffmpeg refuses to allocate a larger frame met
+    later in the stream (that frame is lost), and frames are decoded in batches of at most that
+    many pixels in all.
     """
 
-    def __init__(self, path: str, *, decoder: str = "auto"):
+    def __init__(self, path: str, *, decoder: str = "auto", max_pixels: int | None = None):
+        from diqa_cli.imageio import _too_many_pixels, max_pixels_limit
+
         if decoder not in DECODERS:
             raise UsageError(f"--decoder {decoder!r} is not one of {', '.join(DECODERS)}")
         self.path = str(path)
+        self.max_pixels = max_pixels_limit(max_pixels)
         self._header = _read_header(self.path)
+        width, height = self._header.width, self._header.height
+        if width * height > self.max_pixels:
+            raise InputError(self.path, _too_many_pixels(f"frames of {width}x{height} = {width * height} exceed the "
+                                                         f"limit of {self.max_pixels}"))
         self.codec = self._header.codec
         self.fallback: str | None = None
         self._used: list[str] = []
         self._source: _DecordStream | _PyAVStream
-        if decoder in ("auto", "decord"):
+        frames = self._header.declared_frames
+        if decoder in ("auto", "decord") and frames > min(self._header.file_bytes, _DECORD_MAX_DECLARED_FRAMES):
+            # decord sizes an index by the header's frame count (or duration times rate), some 25
+            # bytes a frame, before it reads a packet: a header declaring years of video made it
+            # allocate gigabytes and abort (std::bad_alloc), which no Python code can catch. No
+            # frame takes less than a byte of the file.
+            reason = f"its header declares {frames:.3g} frames, more than decord can be trusted to index"
+            if decoder == "decord":
+                raise InputError(self.path, f"decord cannot read it ({reason}); use --decoder pyav")
+            self.fallback = reason
+            self._source = _PyAVStream(self.path, self._header, self.max_pixels)
+        elif decoder in ("auto", "decord"):
             try:
-                self._source = _DecordStream(self.path)
+                self._source = _DecordStream(self.path, self._header)
             except ImportError:
                 if decoder == "decord":
                     raise UsageError("--decoder decord: decord is not installed on this platform; use --decoder pyav") from None
                 self.fallback = "decord is not installed"
-                self._source = _PyAVStream(self.path, self._header)
+                self._source = _PyAVStream(self.path, self._header, self.max_pixels)
             except Exception as exc:  # noqa: BLE001 - decord raises its own error types and RuntimeError
                 if decoder == "decord":
                     raise InputError(self.path, f"decord cannot read it ({_ffmpeg_reason(exc)[:160]})") from None
                 self.fallback = f"decord cannot read it ({_short_decord_reason(exc)})"
-                self._source = _PyAVStream(self.path, self._header)
+                self._source = _PyAVStream(self.path, self._header, self.max_pixels)
         else:
-            self._source = _PyAVStream(self.path, self._header)
+            self._source = _PyAVStream(self.path, self._header, self.max_pixels)
         self.timestamps = self._source.timestamps
         self.end = self._source.end
         declared = self._header.declared_duration
@@ -524,7 +633,7 @@ class VideoReader:
         self.fallback = f"decord failed part-way ({reason})"
         old = self.timestamps
         self._source.close()
-        self._source = _PyAVStream(self.path, self._header)
+        self._source = _PyAVStream(self.path, self._header, self.max_pixels)
         new = self._source.timestamps
         spacing = float(np.median(np.diff(new))) if len(new) > 1 else max(self.end, 1e-3)
         nearest = np.clip(np.searchsorted(new, old[pending]), 0, len(new) - 1)
@@ -538,12 +647,15 @@ class VideoReader:
 
     def frames(self, indices, *, batch: int = 8, stats: DecodeStats | None = None) -> Iterator[FrameBatch]:
         """Decode ``indices`` (frame indices of this reader's timeline) in chunks of ``batch``, in
-        time order; frames that do not decode are skipped and counted in ``stats``."""
+        time order; frames that do not decode are skipped and counted in ``stats``. A chunk holds
+        at most ``max_pixels`` pixels of frames (fewer than ``batch`` frames when they are huge)."""
         indices = np.unique(np.asarray(indices, dtype=np.int64))
         stats = stats if stats is not None else DecodeStats()
         stats.requested += len(indices)
         if batch < 1:
             raise UsageError(f"batch must be at least 1, got {batch}")
+        # decord's get_batch allocates a whole chunk as one array, PyAV's chunk is a list of frames.
+        batch = max(1, min(batch, self.max_pixels // max(1, self._header.width * self._header.height)))
         pending = indices
         if isinstance(self._source, _DecordStream):
             while len(pending):
@@ -586,6 +698,13 @@ class VideoReader:
     ) -> Iterator[np.ndarray]:
         """The clips of ``plan`` (from :meth:`clip_plan`) as float32 (3, T, size, size), decoded
         once each frame however many clips share it; a clip with no decodable frame is skipped."""
+        for crops in self.clip_crops(plan, size=size, stats=stats):
+            yield normalise_clip(crops, mean, std)
+
+    def clip_crops(self, plan: list[np.ndarray], *, size: int = 224, stats: DecodeStats | None = None
+                   ) -> Iterator[np.ndarray]:
+        """:meth:`clips` before normalisation: each clip's square crops, uint8 (T, size, size, 3)
+        (a quarter of the float clip's bytes, which is what a decoder process sends back)."""
         if not plan:
             return
         needed = np.unique(np.concatenate(plan))
@@ -611,7 +730,7 @@ class VideoReader:
             for frame in found:
                 last = frame if frame is not None else last
                 frames.append(last)
-            return normalise_clip(frames, mean, std)
+            return np.stack(frames)
 
         def evict() -> None:
             first = float(todo[0].min()) - tolerance if todo else math.inf
@@ -621,7 +740,8 @@ class VideoReader:
         # One clip's worth of frames per decode chunk keeps memory bounded.
         for frames in self.frames(needed, batch=max(len(c) for c in plan), stats=stats):
             for t, rgb in zip(frames.timestamps.tolist(), frames.frames):
-                bisect.insort(times, t)
+                if t not in cache:  # a damaged stream can give two frames one time: the later one stays
+                    bisect.insort(times, t)
                 cache[t] = square_crop(rgb, size)
             seen = float(frames.timestamps[-1]) + tolerance
             while todo and float(todo[0].max()) <= seen:
@@ -683,9 +803,9 @@ def resize_frame(rgb: np.ndarray, resolution: int, *, resample: str = "bicubic")
     return resize_for_model(rgb, resolution, resample=resample)
 
 
-def open_video(path: str, *, decoder: str = "auto") -> VideoReader:
+def open_video(path: str, *, decoder: str = "auto", max_pixels: int | None = None) -> VideoReader:
     """Open ``path`` for reading (see :class:`VideoReader`); raises ``InputError`` for a bad input."""
-    return VideoReader(path, decoder=decoder)
+    return VideoReader(path, decoder=decoder, max_pixels=max_pixels)
 
 
 def read_frames(
@@ -730,3 +850,139 @@ def read_frames(
             frames_sampled=plan.sampled,
             details={"codec": reader.codec, "frame_count": reader.frame_count, "fallback": reader.fallback},
         )
+
+
+# --------------------------------------------------------------------------- decoding for a model
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """What a video model needs decoded from one video: the chosen frames (``fps_sub`` and/or
+    ``max_frames``, see :func:`pick_frames`) resized to ``resolution`` with ``resample``, in
+    batches of ``batch``; with ``clip_len``, first the clip encoder's clips (:meth:`VideoReader.clip_crops`,
+    at most ``max_clips`` of ``crop_size``); with ``keep_frames``, the chosen frames at full size
+    too (quality maps). Plain numbers and strings: it travels to a decoder process as JSON."""
+
+    resolution: int
+    max_frames: int | None = None
+    fps_sub: float | None = None
+    resample: str = "bicubic"
+    batch: int = 8
+    decoder: str = "auto"
+    clip_len: int | None = None
+    max_clips: int = 16
+    crop_size: int = 224
+    keep_frames: bool = False
+    max_pixels: int | None = None
+
+    def __post_init__(self):
+        from diqa_cli.imageio import _resample_filter, max_pixels_limit
+
+        _check_sampling(self.fps_sub, self.max_frames)
+        _resample_filter(self.resample)
+        if self.decoder not in DECODERS:
+            raise UsageError(f"--decoder {self.decoder!r} is not one of {', '.join(DECODERS)}")
+        if min(self.resolution, self.batch, self.max_clips, self.crop_size, self.clip_len or 1) < 1:
+            raise UsageError("resolution, batch, clip_len, max_clips and crop_size must be at least 1")
+        object.__setattr__(self, "max_pixels", max_pixels_limit(self.max_pixels))
+
+
+@dataclass
+class DecodeReport:
+    """What decoding one video found, filled in as it goes (:func:`decode_for_model`'s ``state``):
+    the decoder that read it, the duration, the frames sampled, and the chosen frames' and the
+    clips' :class:`DecodeStats`. ``decoder`` stays None until the video opens."""
+
+    decoder: str | None = None
+    duration: float | None = None
+    frames_sampled: int = 0
+    frame_stats: DecodeStats = field(default_factory=DecodeStats)
+    clip_stats: DecodeStats = field(default_factory=DecodeStats)
+
+
+def decode_for_model(path: str, request: VideoRequest, state) -> Iterator[tuple[str, object]]:
+    """Decode one video for a model, in this process, as a stream of parts in this order:
+
+    * ``("open", planned)``: the video opened; ``planned`` frames are to be decoded (the chosen
+      frames plus the clips' distinct frames), which sets a decoder process's time limit;
+    * ``("clip", crops)`` for each clip: uint8 (T, S, S, 3), as :meth:`VideoReader.clip_crops`;
+    * ``("frames", (timestamps, resized, originals))`` in batches of ``request.batch``: float64
+      times (b,), uint8 (b, R, R, 3) resized as ``imageio.resize_for_model`` resizes 8-bit images
+      (``model_pixels`` makes them the model's floats), and the uint8 full-size frames with
+      ``keep_frames`` (else None).
+
+    ``state`` (a :class:`DecodeReport`, or any object with its attributes) is filled in as the
+    stream goes. Raises ``InputError`` for a video that cannot be opened.
+    """
+    from diqa_cli.imageio import _resample_filter, _resize_8bit
+
+    method = _resample_filter(request.resample)
+    reader = open_video(path, decoder=request.decoder, max_pixels=request.max_pixels)
+    state.decoder, state.duration = reader.decoder, reader.duration
+    state.clip_stats, state.frame_stats = DecodeStats(), DecodeStats()
+    try:
+        sampling = {"fps_sub": request.fps_sub, "max_frames": request.max_frames}
+        clip_plan = reader.clip_plan(clip_len=request.clip_len, max_clips=request.max_clips) if request.clip_len else []
+        planned = len(np.unique(np.concatenate(clip_plan))) if clip_plan else 0
+        yield "open", planned + len(reader.plan(**sampling).indices)
+        for crops in reader.clip_crops(clip_plan, size=request.crop_size, stats=state.clip_stats):
+            yield "clip", crops
+        # Planned after the clips: should decord have failed on them, PyAV's timeline is the one.
+        plan = reader.plan(**sampling)
+        state.frames_sampled = plan.sampled
+        state.frame_stats.requested += plan.unreachable  # sample times past a cut-short end: lost
+        times: list[float] = []
+        resized: list[np.ndarray] = []
+        originals: list[np.ndarray] = []
+        # The reader's chunks may be smaller than a batch (huge frames); the model's batches are not.
+        for chunk in reader.frames(plan.indices, batch=request.batch, stats=state.frame_stats):
+            for t, rgb in zip(chunk.timestamps.tolist(), chunk.frames):
+                times.append(t)
+                resized.append(_resize_8bit(rgb, request.resolution, method))
+                if request.keep_frames:
+                    originals.append(rgb)
+                if len(times) == request.batch:
+                    yield "frames", (np.asarray(times), np.stack(resized), originals if request.keep_frames else None)
+                    times, resized, originals = [], [], []
+        if times:
+            yield "frames", (np.asarray(times), np.stack(resized), originals if request.keep_frames else None)
+    finally:
+        state.decoder = reader.decoder  # "decord+pyav" when PyAV took over part-way
+        reader.close()
+
+
+def model_pixels(resized: np.ndarray) -> np.ndarray:
+    """uint8 (b, R, R, 3) -> the model's float32 (b, 3, R, R) in [0, 1], bit-equal to
+    :func:`resize_frame` on each frame (``ToTensor()``'s float32 division by 255)."""
+    out = np.ascontiguousarray(resized.transpose(0, 3, 1, 2), dtype=np.float32)
+    out /= np.float32(255)
+    return out
+
+
+def video_parts(
+    path: str,
+    request: VideoRequest,
+    state,
+    *,
+    isolation: str | None = None,
+    memory_mb: int | None = None,
+    timeout_s: float | None = None,
+    frame_timeout_s: float | None = None,
+) -> Iterator[tuple[str, object]]:
+    """:func:`decode_for_model`'s parts, decoded as ``isolation`` says (default
+    ``$DIQA_DECODE_ISOLATION``, else "process"): "process" decodes in a decoder process under a
+    memory ceiling and a time limit (``diqa_cli.decodepool``), so a decoder that crashes, hangs or
+    runs out of memory costs only this video (``InputError`` with the reason); "thread" decodes
+    in the calling thread, without those limits. The parts and ``state`` are the same either way.
+    """
+    from diqa_cli import decodepool
+
+    if decodepool.isolation_mode(isolation) == "thread":
+        return decode_for_model(path, request, state)
+    if request.decoder == "decord":
+        import importlib.util
+
+        if importlib.util.find_spec("decord") is None:
+            raise UsageError("--decoder decord: decord is not installed on this platform; use --decoder pyav")
+    limits = decodepool.decode_limits(memory_mb, timeout_s, frame_timeout_s, max_pixels=request.max_pixels)
+    return decodepool.decode_video_in_processes(path, request, state, limits=limits)

@@ -1,12 +1,20 @@
-"""Seeded mutations of small valid images of every format diqa reads, for tests/test_fuzz_decode.py.
+"""Seeded mutations of small valid images and videos of every format diqa reads, for
+tests/test_fuzz_decode.py and tests/test_fuzz_video.py.
 
-``seeds()`` gives one valid file per format; ``mutants(rng, count)`` gives ``count`` damaged
+``seeds()`` gives one valid image per format; ``mutants(rng, count)`` gives ``count`` damaged
 variants, each named after the format and the mutation, the same for the same seed.
+``video_seeds()`` and ``video_mutants(seed, count)`` do the same for videos (PyAV writes them),
+whose mutations add declared fields set to extremes: frame sizes, counts, time scales and
+durations in the container and codec headers.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import math
+import os
+import re
 import struct
 
 import numpy as np
@@ -119,6 +127,169 @@ def mutants(seed: int, count: int) -> list[tuple[str, bytes]]:
         labels = []
         for _ in range(int(rng.integers(1, 3))):
             mutation = MUTATIONS[int(rng.integers(0, len(MUTATIONS)))]
+            labels.append(mutation(data, rng))
+        stem, ext = name.rsplit(".", 1)
+        out.append((f"{index:05d}-{stem}-{'-'.join(labels)}.{ext}", bytes(data)))
+    return out
+
+
+# --------------------------------------------------------------------------- videos
+
+# name -> (PyAV container format, encoder, options): every container of videoio.VIDEO_EXTENSIONS
+# that PyAV can write here, with a codec it usually holds, and GIF (read as a video when named).
+_VIDEO_FORMATS = {
+    "h264.mp4": ("mp4", "libx264", {}),
+    "mpeg4.m4v": ("mp4", "mpeg4", {}),
+    "hevc.mp4": ("mp4", "libx265", {"options": {"x265-params": "log-level=none"}}),
+    "av1.mp4": ("mp4", "libsvtav1", {"size": (64, 64)}),  # decord cannot read AV1: PyAV's path
+    "h264.mov": ("mov", "libx264", {}),
+    "h264.mkv": ("matroska", "libx264", {}),
+    "ffv1.mkv": ("matroska", "ffv1", {}),
+    "mjpeg.avi": ("avi", "mjpeg", {"pix_fmt": "yuvj420p"}),
+    "vp9.webm": ("webm", "libvpx-vp9", {}),
+    "vp8.webm": ("webm", "libvpx", {}),
+    "wmv2.wmv": ("asf", "wmv2", {}),
+    "flv1.flv": ("flv", "flv", {}),
+    "mpeg2.ts": ("mpegts", "mpeg2video", {}),
+    "mpeg1.mpg": ("mpeg", "mpeg1video", {"rate": 25}),  # MPEG-1 knows a few frame rates only
+    "h263.3gp": ("3gp", "h263", {"size": (128, 96)}),  # H.263's picture sizes are fixed
+    "raw.y4m": ("yuv4mpegpipe", "rawvideo", {}),
+    "anim.gif": ("gif", "gif", {"pix_fmt": "rgb8"}),
+}
+
+
+def _encode_video(fmt: str, codec: str, *, size=(32, 24), rate=10, count=6, pix_fmt="yuv420p", options=None) -> bytes:
+    import av
+
+    width, height = size
+    base = np.random.default_rng(5).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    with av.open(out, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if options:
+            stream.options = options
+        for i in range(count):  # texture that moves, so that frames differ
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.roll(base, 3 * i, axis=1)), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+@functools.lru_cache(maxsize=1)
+def _video_seeds() -> tuple:
+    previous = os.environ.get("SVT_LOG")
+    os.environ["SVT_LOG"] = "1"  # the AV1 encoder's banner on stdout: errors only
+    try:
+        return tuple((name, _encode_video(fmt, codec, **args)) for name, (fmt, codec, args) in _VIDEO_FORMATS.items())
+    finally:
+        if previous is None:
+            os.environ.pop("SVT_LOG", None)
+        else:
+            os.environ["SVT_LOG"] = previous
+
+
+def video_seeds() -> dict[str, bytes]:
+    """name -> bytes of a small valid video (6 frames, 32x24 where the codec allows); the name
+    says the codec and, by its extension, the container."""
+    return dict(_video_seeds())
+
+
+_DOUBLES = (0.0, -1.0, 1e308, math.inf, math.nan, 4294967296.0)
+_EXTREMES = {
+    ">I": EXTREMES_32, "<I": EXTREMES_32, ">H": EXTREMES_16, "<H": EXTREMES_16, "B": (0, 1, 0x7F, 0xFF),
+    ">d": _DOUBLES, ">f": (0.0, -1.0, 3e38, math.inf, math.nan),
+    "3s": (b"\xff\xff\xff", b"\x00\x00\x00", b"\x00\x10\x01"),
+}
+
+# Where headers declare sizes, counts, times and offsets: marker -> (offset from the marker, field).
+_DECLARED = {
+    # MP4 / MOV / 3GP boxes (version 0 layouts), big-endian
+    b"mvhd": ((16, ">I"), (20, ">I")),  # time scale, duration
+    b"mdhd": ((16, ">I"), (20, ">I")),
+    b"tkhd": ((24, ">I"), (80, ">I"), (84, ">I")),  # duration, width, height (16.16)
+    **{entry: ((28, ">H"), (30, ">H")) for entry in (b"avc1", b"mp4v", b"hvc1", b"hev1", b"av01", b"s263")},
+    b"stsz": ((8, ">I"), (12, ">I")),  # sample size, sample count
+    b"stts": ((8, ">I"), (12, ">I"), (16, ">I")),  # entries, sample count, sample delta
+    b"stsc": ((8, ">I"), (12, ">I"), (16, ">I")),
+    b"stco": ((8, ">I"), (12, ">I")),
+    b"stss": ((8, ">I"), (12, ">I")),
+    b"ctts": ((8, ">I"), (12, ">I"), (16, ">I")),
+    b"elst": ((8, ">I"), (12, ">I"), (16, ">I")),
+    b"avcC": ((10, ">H"),),  # the SPS's length
+    # AVI chunks, little-endian
+    b"avih": ((8, "<I"), (24, "<I"), (32, "<I"), (36, "<I"), (40, "<I"), (44, "<I")),
+    b"strh": ((28, "<I"), (32, "<I"), (36, "<I"), (40, "<I"), (44, "<I")),  # scale, rate, start, length
+    b"strf": ((12, "<I"), (16, "<I"), (28, "<I")),  # width, height, image size
+    b"idx1": ((4, "<I"), (16, "<I"), (20, "<I")),
+    # Matroska / WebM elements as libavformat writes them (ID, then its size byte)
+    b"\x2a\xd7\xb1\x83": ((4, "3s"),),  # TimecodeScale
+    b"\x44\x89\x88": ((3, ">d"),),  # Duration
+    b"\x44\x89\x84": ((3, ">f"),),
+    b"\x23\xe3\x83\x84": ((4, ">I"),),  # DefaultDuration
+    b"\xb0\x81": ((2, "B"),),  # PixelWidth
+    b"\xba\x81": ((2, "B"),),  # PixelHeight
+    b"\xb0\x82": ((2, ">H"),),
+    b"\xba\x82": ((2, ">H"),),
+    # FLV metadata (AMF numbers after their names)
+    b"width": ((6, ">d"),),
+    b"height": ((7, ">d"),),
+    b"duration": ((9, ">d"),),
+    b"framerate": ((10, ">d"),),
+    # codec headers
+    b"\xff\xc0": ((5, ">H"), (7, ">H")),  # JPEG SOF0 of each MJPEG frame: height, width
+    b"\x9d\x01\x2a": ((3, "<H"), (5, "<H")),  # VP8 key frame: width, height
+    b"\x00\x00\x01\xb3": ((4, "3s"),),  # MPEG-1/2 sequence header: 12-bit width and height
+    b"GIF89a": ((6, "<H"), (8, "<H")),  # logical screen
+    b"\x21\xf9\x04": ((4, "<H"),),  # GIF frame delay
+}
+_Y4M_FIELD = re.compile(rb" ([WHF])([0-9:]+)")
+_Y4M_VALUES = (b"0", b"1", b"99999999", b"4294967295", b"65536", b"1:0", b"0:1", b"4294967295:1")
+
+
+def _declared_field(data: bytearray, rng) -> str:
+    """A size, count, time scale, duration or offset that a container or codec header declares,
+    set to an extreme: huge frames, zero or huge counts and times, offsets past the end."""
+    if data.startswith(b"YUV4MPEG2"):
+        header = bytes(data[:data.find(b"\n") if b"\n" in data else len(data)])
+        fields = list(_Y4M_FIELD.finditer(header))
+        if fields:
+            field = fields[int(rng.integers(0, len(fields)))]
+            value = _Y4M_VALUES[int(rng.integers(0, len(_Y4M_VALUES)))]
+            data[field.start(2):field.end(2)] = value
+            return f"y4m{field.group(1).decode()}={value.decode()}"
+    found = []
+    for marker, fields in _DECLARED.items():
+        at = data.find(marker)
+        while at >= 0 and len(found) < 512:
+            found.extend((at + offset, kind) for offset, kind in fields
+                         if at + offset + struct.calcsize(kind) <= len(data))
+            at = data.find(marker, at + 1)
+    if not found:
+        return _header_extreme(data, rng)
+    at, kind = found[int(rng.integers(0, len(found)))]
+    choices = _EXTREMES[kind]
+    value = choices[int(rng.integers(0, len(choices)))]
+    data[at:at + struct.calcsize(kind)] = value if kind == "3s" else struct.pack(kind, value)
+    return f"decl{at}={value.hex() if kind == '3s' else value}"
+
+
+VIDEO_MUTATIONS = (*MUTATIONS, _declared_field, _declared_field)
+
+
+def video_mutants(seed: int, count: int) -> list[tuple[str, bytes]]:
+    """``count`` (name, bytes) damaged videos, cycling through the formats; deterministic."""
+    rng = np.random.default_rng(seed)
+    bases = sorted(video_seeds().items())
+    out = []
+    for index in range(count):
+        name, original = bases[index % len(bases)]
+        data = bytearray(original)
+        labels = []
+        for _ in range(int(rng.integers(1, 3))):
+            mutation = VIDEO_MUTATIONS[int(rng.integers(0, len(VIDEO_MUTATIONS)))]
             labels.append(mutation(data, rng))
         stem, ext = name.rsplit(".", 1)
         out.append((f"{index:05d}-{stem}-{'-'.join(labels)}.{ext}", bytes(data)))

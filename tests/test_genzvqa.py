@@ -467,3 +467,42 @@ def test_score_video_usage_errors_exit_2(bundle, videos, run_main, extra, needle
 def test_score_video_missing_slowfast_is_fatal_exit_1(bundle, videos, run_main, tmp_path):
     code, out, err = run_main([*video_args(bundle, "csv", "--slowfast", str(tmp_path / "none.safetensors")), videos["h264"]])
     assert code == 1 and "SlowFast weights" in err and out == ""
+
+
+# --- decoding in decoder processes -----------------------------------------------------------------
+
+
+def test_isolated_and_in_process_decoding_score_videos_identically(genzvqa, slowfast, videos, monkeypatch):
+    from diqa_cli.pipelines.videos import score_videos
+
+    def rows(isolation):
+        monkeypatch.setenv("DIQA_DECODE_ISOLATION", isolation)
+        return list(score_videos([videos["h264"], videos["vp9"]], genzvqa, slowfast, fps_sub=2, max_clips=2,
+                                 per_frame=True, normalisation={"offset": 0.0, "scale": 1.0}))
+
+    by_process, by_thread = rows("process"), rows("thread")
+    keep = ("score", "raw_score", "status", "frames_sampled", "frames_decoded", "frames_lost", "decoder", "duration",
+            "clips", "per_frame")
+    assert [{k: r[k] for k in keep} for r in by_process] == [{k: r[k] for k in keep} for r in by_thread]
+    assert [r["status"] for r in by_process] == ["ok", "ok"] and by_process[0]["clips"] == 2
+
+
+def test_score_video_a_crashing_decoder_costs_one_row_and_the_run_goes_on(bundle, videos, run_main, tmp_path,
+                                                                         monkeypatch):
+    from diqa_cli import decodepool
+
+    monkeypatch.setattr(decodepool, "_worker_prelude", (
+        "import os, signal\nfrom diqa_cli import videoio\n_decode = videoio.decode_for_model\n"
+        "def _crash(path, request, state):\n"
+        "    if os.path.basename(path).startswith('segv'): os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "    return _decode(path, request, state)\n"
+        "videoio.decode_for_model = _crash\n"))
+    crash = tmp_path / "segv.mp4"
+    crash.write_bytes(open(videos["h264"], "rb").read())
+    inputs = [videos["h264"], str(crash), videos["vp9"]]
+    code, out, err = run_main([*video_args(bundle, "csv", "--max-frames", "2", "--max-clips", "1"), *inputs])
+    assert code == 3, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["path"], r["status"], r["error"]) for r in rows] == [
+        (videos["h264"], "ok", ""), (str(crash), "error", "decoder crashed (signal 11)"), (videos["vp9"], "ok", "")]
+    assert f"diqa: {crash}: decoder crashed (signal 11)" in err and "1 of 3 videos failed" in err

@@ -265,7 +265,7 @@ def test_av1_is_read_by_pyav_when_decord_cannot(av1_clip):
 
 
 def test_missing_decord_falls_back_to_pyav(clips, monkeypatch):
-    def unavailable(self, path):
+    def unavailable(self, path, header):
         raise ImportError("No module named 'decord'")
 
     monkeypatch.setattr(videoio._DecordStream, "__init__", unavailable)
@@ -363,3 +363,179 @@ def test_directories_and_patterns_list_video_files(clips, tmp_path):
     (empty := tmp_path / "nothing").mkdir()
     (only,) = expand_inputs([str(empty)], extensions=VIDEO_EXTENSIONS, kind="video")
     assert only.error.startswith("no video files in this directory")
+
+
+# --- found by fuzzing (tests/test_fuzz_video.py) and bounded allocations ------------------------
+
+
+def test_mpeg_program_stream_frames_without_timestamps_are_read_by_pyav(tmp_path):
+    # MPEG-PS stamps only some packets; decord gave the others ffmpeg's "no value" (about -1e14 s),
+    # and planning over that span asked numpy for 746 TiB.
+    path = encode(tmp_path / "ps.mpg", "mpeg1video", count=12, rate=25)
+    video = read_frames(str(path), fps_sub=25)
+    assert frame_ids(video.frames) == list(range(12))
+    assert video.decoder == "pyav" and "decord gives some frames no timestamp" in video.details["fallback"]
+
+
+def test_a_seek_that_lands_short_of_its_keyframe_decodes_on_instead_of_seeking_forever(tmp_path):
+    # Every y4m frame is a keyframe, and its demuxer's seek lands before the one asked for: the
+    # reader sought to the same keyframe again and again.
+    path = encode(tmp_path / "raw.y4m", "rawvideo", count=30)
+    request = videoio.VideoRequest(resolution=4, max_frames=4, decoder="pyav")
+    state = videoio.DecodeReport()
+    # In a decoder process under a time limit: the endless loop this was fails the test, not hangs it.
+    parts = list(videoio.video_parts(str(path), request, state, isolation="process", timeout_s=30))
+    assert [kind for kind, _ in parts] == ["open", "frames"]
+    assert frame_ids(parts[1][1][1]) == [0, 9, 19, 29] and state.frame_stats.lost == 0
+
+
+def sampled_by_enumeration(times, duration, available, fps_sub, max_frames):
+    """pick_frames as it was: one sample time after another (memory grows with the samples)."""
+    duration = max(duration, times[-1])
+    count = max(1, int(np.ceil(duration * fps_sub - 1e-6)))
+    targets = np.arange(count, dtype=np.float64) / fps_sub
+    if max_frames is not None and count > max_frames:
+        targets = targets[np.round(np.linspace(0, count - 1, max_frames)).astype(int)]
+    reachable = targets < available if available is not None else np.ones(len(targets), dtype=bool)
+    chosen = np.searchsorted(times, targets[reachable] + videoio._TIME_TOLERANCE, side="right") - 1
+    return np.unique(np.clip(chosen, 0, len(times) - 1)).tolist(), int((~reachable).sum())
+
+
+def test_sampling_by_rate_picks_what_enumerating_every_sample_time_picks():
+    rng = np.random.default_rng(0)
+    for _ in range(1500):
+        count = int(rng.integers(1, 50))
+        gaps = [np.full(count - 1, 1 / rng.choice([7, 24, 29.97, 60])), rng.exponential(0.05, count - 1),
+                np.round(rng.exponential(0.1, count - 1), 2), rng.choice([0, 0.04, 1 / 3], count - 1)][rng.integers(4)]
+        times = np.concatenate([[0.0], np.cumsum(gaps)]) + (rng.choice([0.0, 0.00005, 0.3]) if rng.integers(4) == 0 else 0)
+        end = times[-1] + rng.choice([0.0, 0.04, 0.1])
+        available = end if rng.integers(2) else None
+        duration = end + (rng.choice([0.0, 0.5, 3.0]) if available is not None else 0.0)
+        fps = float(rng.choice([0.5, 1, 3, 4, 10, 24, 29.97, 60, 100, 1 / 3]))
+        max_frames = None if rng.integers(2) else int(rng.integers(1, 20))
+        plan = pick_frames(times, duration=duration, available=available, fps_sub=fps, max_frames=max_frames)
+        assert (plan.indices.tolist(), plan.unreachable) == sampled_by_enumeration(
+            times, duration, available, fps, max_frames), (times, duration, available, fps, max_frames)
+
+
+def test_a_header_declaring_decades_of_video_is_planned_without_a_sample_each():
+    # A damaged media header declared 2**31 - 1 s of a video whose frames span 3 s: planned one
+    # sample time after another at 10 fps, that was 170 GB of sample times.
+    plan = pick_frames(np.arange(30) / 10, duration=2**31 - 1, available=3.0, fps_sub=10)
+    assert plan.indices.tolist() == list(range(30)) and plan.unreachable == (2**31 - 1) * 10 - 30
+    plan = pick_frames(np.arange(30) / 10, duration=2**31 - 1, available=3.0, fps_sub=10, max_frames=3)
+    assert plan.indices.tolist() == [0] and plan.unreachable == 2
+    clips = plan_clips(np.arange(30) / 10, end=1e12, clip_len=4, max_clips=3)  # 10**12 seconds
+    assert [c[0] for c in clips] == [0, 29, 29]
+
+
+def test_frames_over_the_pixel_limit_are_refused_before_decoding(clips):
+    with pytest.raises(InputError) as info:
+        open_video(clips["h264"], max_pixels=1000)
+    assert info.value.reason.startswith("too many pixels: frames of 64x48 = 3072 exceed the limit of 1000")
+
+
+def test_a_batch_of_frames_holds_at_most_the_pixel_limit(clips, monkeypatch):
+    asked = []
+    with open_video(clips["h264"], max_pixels=64 * 48 * 3) as reader:
+        get_batch = reader._source.get_batch
+        monkeypatch.setattr(reader._source, "get_batch", lambda idx: asked.append(len(idx)) or get_batch(idx))
+        got = [len(chunk.frames) for chunk in reader.frames(range(10), batch=8)]
+    assert asked == got == [3, 3, 3, 1]
+
+
+def test_a_larger_frame_later_in_the_stream_is_not_allocated_past_the_limit(tmp_path):
+    # MJPEG frames are JPEGs, each with its own size: the header declares the first one's.
+    import io
+
+    from PIL import Image
+
+    def jpeg(width, height):
+        out = io.BytesIO()
+        Image.new("RGB", (width, height), (90, 90, 90)).save(out, "JPEG")
+        return out.getvalue()
+
+    path = tmp_path / "grows.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i, data in enumerate([jpeg(64, 48)] * 3 + [jpeg(400, 400)] + [jpeg(64, 48)] * 2):
+            packet = av.Packet(data)
+            packet.stream, packet.pts, packet.dts, packet.time_base = stream, i, i, fractions.Fraction(1, 10)
+            container.mux(packet)
+    with open_video(str(path), decoder="pyav", max_pixels=64 * 48 * 2) as reader:
+        shapes = [f.shape for chunk in reader.frames(range(6)) for f in chunk.frames]
+    assert shapes == [(48, 64, 3)] * 5  # the 400x400 frame is lost, not decoded
+    with open_video(str(path), decoder="pyav") as reader:
+        assert (400, 400, 3) in [f.shape for chunk in reader.frames(range(6)) for f in chunk.frames]
+
+
+def test_a_stream_of_an_unknown_codec_is_refused_with_a_reason(tmp_path):
+    # ffmpeg gives such a stream no codec context; reading its name was an AttributeError.
+    data = encode(tmp_path / "a.mkv", "libx264").read_bytes()
+    (tmp_path / "unknown.mkv").write_bytes(data.replace(b"V_MPEG4/ISO/AVC", b"V_DIQA/UNKNOWN!"))
+    with pytest.raises(InputError) as info:
+        open_video(str(tmp_path / "unknown.mkv"))
+    assert info.value.reason == "no decoder for its video stream: an unknown codec or a damaged header"
+
+
+def test_a_stream_with_no_packet_marked_key_is_decoded_from_the_start(clips):
+    # Damage can leave the demuxer no keyframe to seek to; looking one up was an IndexError.
+    with open_video(clips["gop"], decoder="pyav") as reader:
+        reader._source.keyframes = reader._source.keyframes[:0]
+        frames = [f for chunk in reader.frames([3, 40, 59]) for f in chunk.frames]
+    with open_video(clips["gop"], decoder="pyav") as reader:
+        expected = [f for chunk in reader.frames([3, 40, 59]) for f in chunk.frames]
+    assert len(frames) == 3 and all(np.array_equal(a, b) for a, b in zip(frames, expected))
+
+
+def test_two_frames_at_one_time_do_not_break_the_clips(tmp_path):
+    # Frame 5's Matroska block given frame 4's time: decord reports both at 0.3 s, and the clip
+    # cache kept the time twice, then failed (KeyError) evicting it the second time.
+    data = bytearray(encode(tmp_path / "a.mkv", "libx264", count=30, options={"g": "1"}).read_bytes())
+    blocks = []  # each SimpleBlock's relative timecode: ID A3, its size, track 1 (0x81), timecode
+    at = data.find(b"\xa3")
+    while at >= 0:
+        size_bytes = next((n for n in range(1, 9) if data[at + 1] & (0x80 >> (n - 1))), 0)
+        if size_bytes and data[at + 1 + size_bytes] == 0x81:
+            blocks.append(at + 2 + size_bytes)
+        at = data.find(b"\xa3", at + 1)
+    times = [int.from_bytes(data[b:b + 2], "big") for b in blocks]
+    first = times.index(0)
+    four, five = blocks[first + 4], blocks[first + 5]
+    data[five:five + 2] = data[four:four + 2]
+    (tmp_path / "twice.mkv").write_bytes(bytes(data))
+    with open_video(str(tmp_path / "twice.mkv")) as reader:
+        assert reader.decoder == "decord" and reader.timestamps[4] == reader.timestamps[5]
+        made = list(reader.clip_crops(reader.clip_plan(clip_len=8, max_clips=3), size=8))
+    assert [c.shape for c in made] == [(8, 8, 8, 3)] * 3
+
+
+def test_a_header_declaring_billions_of_frames_is_not_handed_to_decord(tmp_path):
+    # decord sized its frame index by the frame count the header declares and aborted the
+    # process (std::bad_alloc) when it could not have the gigabytes: decoded here in a decoder
+    # process, so that a regression fails this test instead of killing the test run.
+    data = bytearray(encode(tmp_path / "a.mp4", "libx264").read_bytes())
+    at = data.index(b"stts")
+    data[at + 12:at + 16] = (2**32 - 1).to_bytes(4, "big")  # samples of the first duration
+    path = tmp_path / "billions.mp4"
+    path.write_bytes(bytes(data))
+    request = videoio.VideoRequest(resolution=4, max_frames=3)
+    state = videoio.DecodeReport()
+    parts = list(videoio.video_parts(str(path), request, state, isolation="process", timeout_s=60))
+    assert state.decoder == "pyav" and state.frame_stats.decoded == 3 and parts[0] == ("open", 3)
+    with pytest.raises(InputError, match=r"decord cannot read it \(its header declares 4.29e\+09 frames"):
+        open_video(str(path), decoder="decord")
+
+
+def test_a_seek_that_ffmpeg_refuses_reads_on_from_the_start(tmp_path):
+    # A sync-sample table naming sample 2**32 - 1 and a huge composition offset: ffmpeg answers
+    # the seek with EPERM, which escaped the reader as PermissionError.
+    data = bytearray(encode(tmp_path / "a.mp4", "libx264", count=30, options={"g": "5"}).read_bytes())
+    at = data.index(b"stss")
+    data[at + 12:at + 16] = (2**32 - 1).to_bytes(4, "big")  # the first sync sample
+    at = data.index(b"ctts")
+    data[at + 16:at + 20] = (2**31 - 1).to_bytes(4, "big")  # the first composition offset
+    (tmp_path / "noseek.mp4").write_bytes(bytes(data))
+    video = read_frames(str(tmp_path / "noseek.mp4"), max_frames=4, decoder="pyav")
+    assert len(video.frames) + video.frames_lost == video.frames_sampled and len(video.frames) >= 2

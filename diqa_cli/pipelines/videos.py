@@ -10,8 +10,9 @@ GenzVQA) is any :class:`~diqa_cli.models.base.ClipEncoder`. For each video:
    its spec's filter and passed to ``model.frame_features`` in batches of ``batch_size``.
 3. ``model.video_score(all frame features, all clip features)`` gives the raw score.
 
-Decoding runs one thread ahead of the networks (both release the GIL). A video that cannot be
-decoded, or whose scoring fails, gets an error row; the run goes on.
+Decoding runs one thread ahead of the networks (both release the GIL), in a decoder process
+(``videoio.video_parts``): a decoder that crashes, hangs or runs out of memory costs its video only.
+A video that cannot be decoded, or whose scoring fails, gets an error row; the run goes on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diqa_cli.decodepool import DecoderStartError
 from diqa_cli.errors import InputError, UsageError, WeightsError
 from diqa_cli.pipelines.rows import error_row, failure_reason, reported_score, tree_cat
 
@@ -78,37 +80,33 @@ def _decode_items(path, *, model, encoder, fps_sub, max_frames, max_clips, decod
     """Yield ("clip", (3, T, S, S) float32) for every encoder clip (none when ``encoder`` is
     None), then ("frames", (timestamps, (b, 3, R, R) float32, originals)) for the chosen frames in
     batches; ``originals`` are the decoded uint8 (H, W, 3) frames with ``keep_frames`` (quality
-    maps), else None. Time spent here is decoding (and resizing), recorded in ``state.decode_seconds``."""
-    from diqa_cli.videoio import DecodeStats, open_video, resize_frame
+    maps), else None. Time spent here is decoding (and resizing), recorded in ``state.decode_seconds``.
+
+    The video is decoded as ``videoio.video_parts`` says: in a decoder process by default (a
+    crash, hang or runaway allocation costs this video only), which sends frames resized and
+    clips cropped as uint8; the float conversion happens here, the same for both ways."""
+    from diqa_cli.videoio import VideoRequest, model_pixels, normalise_clip, video_parts
 
     start = time.perf_counter()
-    reader = open_video(path, decoder=decoder)
-    state.decoder, state.duration = reader.decoder, reader.duration
-    try:
-        if fps_sub is None and max_frames is None:
-            max_frames = default_frames(model)
-        state.clip_stats, state.frame_stats = DecodeStats(), DecodeStats()
-        if encoder is not None:
-            plan = reader.clip_plan(clip_len=encoder.clip_frames, max_clips=max_clips)
-            mean, std = encoder.config["mean"], encoder.config["std"]
-            for clip in reader.clips(plan, size=encoder.crop_size, mean=mean, std=std, stats=state.clip_stats):
-                state.decode_seconds += time.perf_counter() - start
-                yield "clip", clip
-                start = time.perf_counter()
-        # Planned after the clips: should decord have failed on them, PyAV's timeline is the one.
-        frames = reader.plan(fps_sub=fps_sub, max_frames=max_frames)
-        state.frames_sampled = frames.sampled
-        state.frame_stats.requested += frames.unreachable  # sample times past a cut-short end: lost
-        resample = model.spec.resample
-        for chunk in reader.frames(frames.indices, batch=batch, stats=state.frame_stats):
-            pixels = np.stack([resize_frame(rgb, model.resolution, resample=resample) for rgb in chunk.frames])
-            state.decode_seconds += time.perf_counter() - start
-            yield "frames", (chunk.timestamps, pixels, list(chunk.frames) if keep_frames else None)
-            start = time.perf_counter()
+    if fps_sub is None and max_frames is None:
+        max_frames = default_frames(model)
+    clips = {} if encoder is None else {"clip_len": encoder.clip_frames, "crop_size": encoder.crop_size}
+    request = VideoRequest(
+        resolution=model.resolution, resample=model.spec.resample, fps_sub=fps_sub, max_frames=max_frames,
+        batch=batch, decoder=decoder, max_clips=max_clips, keep_frames=keep_frames, **clips,
+    )
+    for kind, value in video_parts(path, request, state):
+        if kind == "clip":
+            value = normalise_clip(value, encoder.config["mean"], encoder.config["std"])
+        elif kind == "frames":
+            times, resized, originals = value
+            value = (times, model_pixels(resized), originals)
+        else:
+            continue
         state.decode_seconds += time.perf_counter() - start
-    finally:
-        state.decoder = reader.decoder  # "decord+pyav" when PyAV took over part-way
-        reader.close()
+        yield kind, value
+        start = time.perf_counter()
+    state.decode_seconds += time.perf_counter() - start
 
 
 def _tensor_items(frames: torch.Tensor, timestamps, *, model, encoder, fps_sub, max_frames, max_clips, batch,
@@ -308,7 +306,7 @@ def score_videos(
                                 per_frame=per_frame, maps=maps)
         except InputError as exc:
             row = error_row(path, exc.reason, **context)
-        except (UsageError, WeightsError):
+        except (UsageError, WeightsError, DecoderStartError):  # every video would fail the same way
             raise
         except Exception as exc:  # noqa: BLE001 - one video's failure must not stop the run
             row = error_row(path, failure_reason(exc), **context)
