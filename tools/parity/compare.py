@@ -31,16 +31,19 @@ FACTOR = 2.0
 FLOOR = 2.0**-23
 
 
+_ORDER = ("input", "prompt_features", "prompt_embeddings", "context", "latents", "adapter", "features", "up",
+          "conv_transpose", "t", "feature_map", "score")
+_PER_TIMESTEP = ("unet_input", "noise_pred", "layer_scores")
+
+
 def _stage_key(stage: str):
-    """Order stages as the pipelines run them: named order first, then numeric suffixes."""
-    order = ("input", "prompt_features", "prompt_embeddings", "context", "latents", "adapter", "features",
-             "up", "conv_transpose", "t", "feature_map", "timesteps", "score")
-    head = re.split(r"[.\d]", stage, maxsplit=1)[0] if not stage.startswith("t") or stage in ("timesteps",) else "t"
-    if stage == "timesteps":
-        head = "timesteps"
-    rank = order.index(head) if head in order else len(order)
-    numbers = [int(n) for n in re.findall(r"\d+", stage)]
-    return rank, numbers, stage
+    """Order stages as the pipelines run them (``tK.*`` by timestep, then input, output, scores)."""
+    timestep = re.fullmatch(r"t(\d+)\.(\w+)", stage)
+    if timestep:
+        return _ORDER.index("t"), [int(timestep.group(1)), _PER_TIMESTEP.index(timestep.group(2))], stage
+    head = re.split(r"[.\d]", stage, maxsplit=1)[0]
+    rank = _ORDER.index(head) if head in _ORDER else len(_ORDER)
+    return rank, [int(n) for n in re.findall(r"\d+", stage)], stage
 
 
 def _diff(a, b) -> tuple[float, float]:
@@ -65,6 +68,11 @@ def compare(work: Work, method: str) -> dict:
         raise SystemExit(f"{method}: float32 dumps of both sides are needed")
     r32, d32 = dumps["released", "float32"], dumps["diqa", "float32"]
     r64, d64 = dumps.get(("released", "float64"), {}), dumps.get(("diqa", "float64"), {})
+    # Images one side ran and the other did not (a --limit) are left out; a stage that one side
+    # dumps for an image and the other does not is an error.
+    images = {k.split("/")[0] for k in r32} & {k.split("/")[0] for k in d32}
+    r32 = {k: v for k, v in r32.items() if k.split("/")[0] in images}
+    d32 = {k: v for k, v in d32.items() if k.split("/")[0] in images}
     missing = sorted(set(r32) ^ set(d32))
     if missing:
         raise SystemExit(f"{method}: stages only one side dumped: {missing[:8]}")
@@ -134,12 +142,12 @@ def summary(result: dict) -> str:
     for stage, rows in stages.items():
         in64 = [r for r in rows if "rel64" in r]
         best = lambda key, rs: max((r[key] for r in rs), default=None)  # noqa: E731
-        passed32 = sum(bool(r.get("pass32")) for r in rows)
-        passed64 = sum(bool(r.get("pass64")) for r in in64)
+        passed32 = f"{sum(bool(r.get('pass32')) for r in rows)}/{len(rows)}" if rows[0]["tol_rel"] else "–"
+        passed64 = f"{sum(bool(r.get('pass64')) for r in in64)}/{len(in64)}" if in64 else "–"
         lines.append(
             f"| {stage} | {len(rows)} / {len(in64)} | {_fmt(best('rel32', rows))} | {_fmt(best('abs32', rows))} | "
             f"{_fmt(best('rel64', in64))} | {_fmt(best('abs64', in64))} | {_fmt(rows[0]['tol_rel'])} | "
-            f"{passed32}/{len(rows)} | {passed64}/{len(in64)} |"
+            f"{passed32} | {passed64} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -409,6 +409,28 @@ def _released_transform_genziqa():
     return transform
 
 
+def _as_under_torch1() -> None:
+    """Runtime patch: the embedded diffusers 0.17 sees ``torch.nn.functional`` without
+    ``scaled_dot_product_attention``, as under the torch 1.13 the released code pins. It picks its
+    attention processors by that attribute (``AttnProcessor2_0`` / ``LoRAAttnProcessor2_0`` under
+    torch 2), and the released code modified only the torch-1 ones to also return the scores its
+    U-Net and VAE blocks unpack; under torch 2 it fails (or would read no scores)."""
+    import importlib
+
+    import torch.nn.functional as functional
+
+    without_sdpa = types.ModuleType("torch.nn.functional (as torch 1.13)")
+
+    def lookup(name):
+        if name == "scaled_dot_product_attention":
+            raise AttributeError(name)
+        return getattr(functional, name)
+
+    without_sdpa.__getattr__ = lookup
+    for name in ("diffusers.loaders", "diffusers.models.attention_processor", "diffusers.models.unet_2d_blocks"):
+        importlib.import_module(name).F = without_sdpa
+
+
 def dump_genziqa(args, work: Work, dtype, dump: StageDump) -> None:
     _released_import_path(Path(args.genziqa), embedded_diffusers=True)
     import diffusers
@@ -426,6 +448,7 @@ def dump_genziqa(args, work: Work, dtype, dump: StageDump) -> None:
 
     if "GenzIVQA" not in diffusers.__file__ and str(Path(args.genziqa)) not in diffusers.__file__:
         raise RuntimeError(f"imported diffusers from {diffusers.__file__}, not the clone's embedded copy")
+    _as_under_torch1()
     _posterior_mean()
     base = str(work.sd21())
     coop_dir, unet_dir = _genziqa_dirs(work)

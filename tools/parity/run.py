@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--size", nargs="+", default=["512", "300x200", "640x427"], help="WIDTHxHEIGHT or N")
     parser.add_argument("--images", type=int, default=2, help="images per size")
     parser.add_argument("--dtype", nargs="+", choices=("float32", "float64"), default=["float32", "float64"])
+    parser.add_argument("--float32-images", type=int, help="run float32 on the first N images only")
     parser.add_argument("--float64-images", type=int, help="run float64 on the first N images only (GenzIQA: 16 U-Net passes an image)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/diqa-parity"), help="work folder (weights take ~11 GB)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each side")
@@ -92,7 +93,7 @@ def main() -> None:
 
     for method in args.method:
         for dtype in args.dtype:
-            subset = args.float64_images if dtype == "float64" else None
+            subset = args.float64_images if dtype == "float64" else args.float32_images
             limit = ["--limit", str(subset)] if subset else []
             for side, command, side_env in (("released", released, released_env), ("diqa", diqa, diqa_env)):
                 if work.dump_path(side, method, dtype).is_file():
