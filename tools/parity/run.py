@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", choices=("float32", "float64"), default=["float32", "float64"])
     parser.add_argument("--float32-images", type=int, help="run float32 on the first N images only")
     parser.add_argument("--float64-images", type=int, help="run float64 on the first N images only (GenzIQA: 16 U-Net passes an image)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/diqa-parity"), help="work folder (weights take ~11 GB)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/diqa-parity"), help="work folder (weights take ~15 GB)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each side")
     args = parser.parse_args()
 
