@@ -214,9 +214,6 @@ def load_head(
         target = resolve_device(device)
         model.to(target, resolve_dtype(dtype, target))
     model.eval()
-    from diqa_cli.scoring import to_channels_last
-
-    to_channels_last(model)  # every loaded head scores with the same (faster) weight layout
     return model, sidecar
 
 

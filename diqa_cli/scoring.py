@@ -10,10 +10,7 @@ from pathlib import Path
 
 from diqa_cli.errors import UsageError, WeightsError
 
-__all__ = [
-    "default_weights_name", "default_checkpoint", "checkpoint_label", "load_scorer", "resolve_head", "scorer_settings",
-    "to_channels_last",
-]
+__all__ = ["default_weights_name", "default_checkpoint", "checkpoint_label", "load_scorer", "resolve_head", "scorer_settings"]
 
 
 def default_weights_name(spec) -> str:
@@ -160,18 +157,3 @@ def scorer_settings(
         video=dict(video or {}),
         backbone_ref=ref,
     )
-
-
-def to_channels_last(model) -> None:
-    """Store the model's and its backbone's 4-D weights channels-last (NHWC), in place. The
-    convolutions then run on oneDNN's / cuDNN's preferred layout: 1.15x on DP-IQA at 512 px on
-    the CPU with the same scores (``bench/bench_levers.py``). Inputs may stay NCHW."""
-    import torch
-
-    modules = [model]
-    if model.backbone is not None:
-        modules.append(model.backbone.vae)
-        if not next(model.backbone.unet.parameters()).is_meta:
-            modules.append(model.backbone.unet)
-    for module in modules:
-        module.to(memory_format=torch.channels_last)
