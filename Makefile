@@ -6,7 +6,7 @@ STAMP := $(VENV)/.diqa-installed
 # Tests and the demo never reach a model hub.
 OFFLINE := HF_HUB_OFFLINE=1 DIQA_OFFLINE=1
 
-.PHONY: install test test-slow demo readme-map bench fuzz manifest clean
+.PHONY: install test test-slow test-compile demo readme-map bench fuzz manifest clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ test: install
 
 test-slow: install
 	$(OFFLINE) $(BIN)/python -m pytest -q -m slow
+
+# torch.compile against eager scores (minutes to most of an hour on 2 CPU cores; not in CI).
+test-compile: install
+	$(OFFLINE) DIQA_TEST_COMPILE=1 $(BIN)/python -m pytest -q tests/test_speed_levers.py -k compiled
 
 demo: install
 	$(OFFLINE) $(BIN)/diqa demo
