@@ -129,7 +129,7 @@ def score(
     items = expand_inputs(paths, recursive=recursive, stdin=sys.stdin)
 
     from diqa_cli.batching import parse_batch_size
-    from diqa_cli.engines import ScorerOptions, open_engine
+    from diqa_cli.engines import ScorerOptions
 
     options = ScorerOptions(
         method=spec.name,
@@ -148,6 +148,23 @@ def score(
     if maps is not None and maps.exists() and not maps.is_dir():
         raise UsageError(f"--maps {str(maps)!r} is a file; name a folder (it is created if missing)")
     from diqa_cli.scoring import checkpoint_label  # the released weights' name when no checkpoint is given
+
+    failed = score_and_write(
+        items, options, fmt, row_columns(fmt, store=db is not None, maps=maps is not None),
+        db=db, engine=engine, ray_address=ray_address, ray_actors=ray_actors,
+        context={"checkpoint": checkpoint_label(checkpoint, spec)},
+    )
+    if failed:
+        print(f"diqa: {failed} of {len(items)} inputs failed", file=sys.stderr)
+    raise typer.Exit(EXIT_PARTIAL if failed else EXIT_OK)
+
+
+def score_and_write(items, options, fmt: str, columns, *, db, engine: str, ray_address, ray_actors,
+                    context: dict, note=None, lines=None) -> int:
+    """Score ``items`` with ``options`` on ``engine`` (through the score store ``db`` when given)
+    and write their rows (``write_rows``); returns how many failed. Shared by ``score`` and
+    ``score-video``."""
+    from diqa_cli.engines import open_engine
     from diqa_cli.store import ReuseRun, open_store
 
     with contextlib.ExitStack() as stack:
@@ -159,17 +176,14 @@ def score(
         )
         if store is not None:
             # With --maps, results reused from the database get their maps written too.
-            complete = scorer.complete if maps is not None else None
-            rows = ReuseRun(items, scorer, store, hash_workers=workers, complete=complete)
+            complete = scorer.complete if options.maps is not None else None
+            rows = ReuseRun(items, scorer, store, hash_workers=options.workers, complete=complete)
         else:
             rows = scorer.score(items)
-        failed = write_rows(items, rows, fmt, row_columns(fmt, store=store is not None, maps=maps is not None),
-                            context={"checkpoint": checkpoint_label(checkpoint, spec)})
+        failed = write_rows(items, rows, fmt, columns, context=context, note=note, lines=lines)
         if store is not None:
             print(f"diqa: reused {rows.reused} of {rows.reused + rows.scored} results from {db}", file=sys.stderr)
-    if failed:
-        print(f"diqa: {failed} of {len(items)} inputs failed", file=sys.stderr)
-    raise typer.Exit(EXIT_PARTIAL if failed else EXIT_OK)
+    return failed
 
 
 def row_columns(fmt: str, *, store: bool, maps: bool, base: tuple[str, ...] | None = None) -> tuple[str, ...]:

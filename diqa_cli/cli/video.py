@@ -8,7 +8,6 @@ once scoring starts.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -163,10 +162,8 @@ def score_video(
 
     items = expand_inputs(paths, recursive=recursive, stdin=sys.stdin, extensions=VIDEO_EXTENSIONS, kind="video")
 
-    from diqa_cli.cli._terminal import write_rows
-    from diqa_cli.cli.score import row_columns
-    from diqa_cli.engines import ScorerOptions, open_engine
-    from diqa_cli.store import ReuseRun, open_store
+    from diqa_cli.cli.score import row_columns, score_and_write
+    from diqa_cli.engines import ScorerOptions
 
     options = ScorerOptions(
         method=spec.name,
@@ -195,23 +192,11 @@ def score_video(
                     "decode; scored on the rest")
         return None
 
-    with contextlib.ExitStack() as stack:
-        # A bad --db fails here, before the model loads; with a store the model loads only once an
-        # input turns out not to be in it.
-        store = stack.enter_context(open_store(db)) if db is not None else None
-        scorer = stack.enter_context(
-            open_engine(engine, options, ray_address=ray_address, ray_actors=ray_actors, lazy=store is not None)
-        )
-        if store is not None:
-            complete = scorer.complete if maps is not None else None
-            rows = ReuseRun(items, scorer, store, hash_workers=workers, complete=complete)
-        else:
-            rows = scorer.score(items)
-        context = {"checkpoint": str(checkpoint) if checkpoint is not None else None}
-        lines = _frame_lines if per_frame and fmt == "csv" else None
-        failed = write_rows(items, rows, fmt, columns, context=context, note=note, lines=lines)
-        if store is not None:
-            print(f"diqa: reused {rows.reused} of {rows.reused + rows.scored} results from {db}", file=sys.stderr)
+    failed = score_and_write(
+        items, options, fmt, columns, db=db, engine=engine, ray_address=ray_address, ray_actors=ray_actors,
+        context={"checkpoint": str(checkpoint) if checkpoint is not None else None}, note=note,
+        lines=_frame_lines if per_frame and fmt == "csv" else None,
+    )
     if failed:
         print(f"diqa: {failed} of {len(items)} videos failed", file=sys.stderr)
     raise typer.Exit(EXIT_PARTIAL if failed else EXIT_OK)
