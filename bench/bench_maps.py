@@ -82,7 +82,7 @@ def main() -> int:
                         assert all(Path(r["map"]).is_file() for r in rows)
             plain_s, maps_s = statistics.median(times["plain"]), statistics.median(times["maps"])
             ratios[name] = maps_s / plain_s
-            how = "own" if mapped.model.spec.quality_map else "generic"
+            how = "own" if mapped.scorer.model.spec.quality_map else "generic"
             print(f"method={name} map={how} images={len(paths)} size={args.size} repeats={args.repeats} "
                   f"plain_s={plain_s:.3f} maps_s={maps_s:.3f} plain_img_s={len(paths) / plain_s:.2f} "
                   f"maps_img_s={len(paths) / maps_s:.2f} ratio={ratios[name]:.2f}", flush=True)

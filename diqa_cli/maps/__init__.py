@@ -9,8 +9,9 @@ How a method's map is made (the spec's ``quality_map`` line, shown by ``diqa met
 
 * a model that implements :class:`diqa_cli.models.base.QualityMapModel` makes it from its own
   computation (DP-IQA and its student: the per-location contribution of the 8-channel feature map
-  to the score through the head; GenzIQA: the per-position share of its cross-attention and
-  denoising-error terms; LGDM: gradient × activation of its hyperfeatures);
+  to the score through the head; GenzIQA and GenzVQA: the generic map integrated along the path
+  from the blurred image, ``detail_map(steps=8)``; LGDM: the score drop when each cell of a 4 × 4
+  grid is blurred, :func:`diqa_cli.maps.compute.blur_occlusion_map`);
 * any other model gets the generic map (:func:`diqa_cli.maps.compute.detail_map`): the gradient of
   the score with respect to the pixels times the image's fine detail (the image minus a blurred
   copy of it), summed over colour and smoothed.

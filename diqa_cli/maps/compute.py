@@ -8,6 +8,9 @@ raw score units, input size).
   feature map through the part of the model that turns it into the score.
 * :func:`detail_map` is the generic map, for any model whose score is differentiable with respect
   to its input (the model contract asks for that).
+* :func:`blur_occlusion_map` is the detail map measured instead of linearised: the score drop when
+  each region's detail is blurred away, one extra scoring per region (for models whose gradient
+  with respect to the input does not say where the damage is).
 * :func:`resize_maps` brings a map from the model's grid to the input's size.
 """
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "blur_occlusion_map",
     "contribution_map",
     "detail_map",
     "gaussian_blur",
@@ -91,20 +95,65 @@ def _detail_from_gradient(pixels: torch.Tensor, grad: torch.Tensor) -> torch.Ten
     return gaussian_blur(signed, smooth_sigma)[:, 0] * area
 
 
-def detail_map(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The generic quality map of any model: ``((B,) raw scores, (B, R, R) map)``.
+def detail_map(model, pixels: torch.Tensor, steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generic quality map of any model: ``((B,) raw scores, (B, R, R) map)``; ``model`` is any
+    callable from (B, 3, R, R) pixels to (B,) scores.
 
     map = smooth( Σ_colour ∂score/∂x · (x − blur(x)) ) · R²: the gradient of the score times the
     image's fine detail. Its mean over the image is, to first order, score(x) − score(blur(x)):
     how much the score would drop if the detail were blurred away. Where detail helps the score
     (sharp, clean texture) the map is high; where the detail is damage the score penalises
     (noise, blocking) it is negative; where there is no detail left (blur) it is near zero, below
-    the sharp parts. Blur sigma 1/64 of the side, smoothing sigma 1/32 (at least 1 and 2 px)."""
+    the sharp parts. Blur sigma 1/64 of the side, smoothing sigma 1/32 (at least 1 and 2 px).
+
+    With ``steps`` > 1 the gradient is instead averaged over the midpoints of ``steps`` equal
+    segments of the straight path from blur(x) to x (integrated gradients with the blurred image as
+    the baseline), so the mean is score(x) − score(blur(x)) up to that midpoint sum rather than to
+    first order: for scores whose gradient swings from point to point. ``steps`` backward passes
+    and one plain scoring."""
+    x = pixels.detach()
+    if steps == 1:
+        points = [1.0]
+    else:
+        points = [(k + 0.5) / steps for k in range(steps)]
+        with torch.no_grad():
+            scores = model(x).detach()
+    detail = x - gaussian_blur(x.float(), _detail_scales(x)[0]).to(x.dtype)
+    total = None
     with _autograd_allowed():
-        x = pixels.detach().clone().requires_grad_(True)
-        scores = model(x)
-        (grad,) = torch.autograd.grad(scores.sum(), x)
-    return scores.detach(), _detail_from_gradient(pixels, grad)
+        for alpha in points:
+            point = (x - (1 - alpha) * detail).requires_grad_(True)
+            value = model(point)
+            (grad,) = torch.autograd.grad(value.sum(), point)
+            if steps == 1:
+                scores = value.detach()
+            total = grad if total is None else total + grad
+    return scores, _detail_from_gradient(pixels, total / steps)
+
+
+def blur_occlusion_map(score: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, grid: int = 4):
+    """``((B,) scores, (B, grid, grid) map)``: cell (i, j) is score(x) − score(x with that cell of a
+    grid × grid partition blurred), the blur being :func:`detail_map`'s (sigma 1/64 of the side).
+    What :func:`detail_map` estimates to first order, measured: high where the detail helps the
+    score, negative where blurring it away would raise the score (noise, blocking), near zero where
+    there is no detail left (blur). No gradients, grid² + 1 scorings of the batch; the callers'
+    bilinear resize puts each cell's value at its centre."""
+    height, width = pixels.shape[-2:]
+    if min(height, width) < grid:
+        raise ValueError(f"a {grid} x {grid} occlusion grid needs at least {grid} pixels a side, got {height} x {width}")
+    blurred = gaussian_blur(pixels.float(), _detail_scales(pixels)[0]).to(pixels.dtype)
+    rows = torch.linspace(0, height, grid + 1).round().long().tolist()
+    cols = torch.linspace(0, width, grid + 1).round().long().tolist()
+    with torch.no_grad():
+        scores = score(pixels)
+        drops = scores.new_empty(pixels.shape[0], grid, grid, dtype=torch.float32)
+        for i in range(grid):
+            for j in range(grid):
+                occluded = pixels.clone()
+                window = (..., slice(rows[i], rows[i + 1]), slice(cols[j], cols[j + 1]))
+                occluded[window] = blurred[window]
+                drops[:, i, j] = (scores - score(occluded)).float()
+    return scores, drops
 
 
 def quality_maps(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

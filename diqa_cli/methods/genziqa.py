@@ -49,9 +49,8 @@ SPEC = register_method(
             ),
         ),
         quality_map=(
-            "the score spread over latent positions (mean = score): per cross-attention layer, each "
-            "position's logits (mean over heads, tokens, both prompts) around the pooled term plus its "
-            "share of the denoising-error difference; mean over layers and timesteps"
+            "the detail map (gradient x (image - its blur), smoothed) integrated along the path from "
+            "the blurred image in 8 steps: mean = score(x) - score(blurred x); 8 backward passes"
         ),
         training=TrainingDefaults(1e-4, 1e-2, 16, 10, 1.0, "GenzIQA: AdamW 1e-4, wd 1e-2, grad-clip 1.0, batch 16, 10 epochs"),
         extra={

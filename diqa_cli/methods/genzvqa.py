@@ -58,8 +58,8 @@ SPEC = register_method(
             WeightsPart("slowfast-r50-k400", purpose="SlowFast R50 features for the temporal modulator"),
         ),
         quality_map=(
-            "per scored frame, GenzIQA's map of each cross-attention layer weighted by the temporal "
-            "modulator's gamma of that layer, averaged over layers (mean = the frame's score)"
+            "per scored frame, GenzIQA's map (the detail map integrated from the blurred frame, 8 steps) "
+            "of the frame's own score: mean over layers of gamma x layer score, gamma held at the video's"
         ),
         training=TrainingDefaults(1e-4, 1e-2, 16, 6, 1.0, "GenzVQA: AdamW 1e-4, wd 1e-2, grad-clip 1.0, batch 16, 6 epochs"),
         init_from=("genziqa",),  # the released recipe: prompts and LoRA from a GenzIQA head

@@ -55,8 +55,8 @@ SPEC = register_method(
         feature_layers=LGDM_LAYERS,
         # No released code: diqa's choice for a small regressor on frozen hyperfeatures.
         quality_map=(
-            "gradient x activation of the unpooled hyperfeature maps (every tapped layer at every "
-            "timestep) through pooling, mixing and head, summed over channels, layers and timesteps"
+            "blur occlusion: score(x) - score(x with one cell of a 4 x 4 grid blurred), per cell (16 "
+            "extra scorings; the guided trajectory's gradients do not localise damage)"
         ),
         training=TrainingDefaults(1e-3, 1e-4, 32, 50, 1.0, "diqa's choice (LGDM has no released code)"),
         default_for=("enhance",),

@@ -23,7 +23,8 @@ How a video is scored:
    score is mean over layers of γ_l × its layer score; the video score is their mean.
 
 Quality maps (``diqa score-video --maps``; not in the paper): one per scored frame, GenzIQA's map
-of each cross-attention layer weighted by the modulator's γ of that layer, averaged over layers.
+(the detail map integrated along the path from the blurred frame) of the frame's own score (mean
+over layers of γ × layer score, γ held fixed at the video's).
 
 Where diqa departs from the released code (each also in the method spec): GenzIQA's departures
 (posterior mean, seeded noise bank, no test-time flips, per-frame layer scores, peft LoRA);
@@ -291,16 +292,21 @@ class GenzVQA(GenzIQA):
 
     def video_quality_maps(self, frames: torch.Tensor, clip_features: tuple[torch.Tensor, ...]):
         """One video's chosen frames (F, 3, R, R) in [0, 1] and its (slow, fast) SlowFast features ->
-        ((F,) raw frame scores, (F, R/8, R/8) maps): each frame's GenzIQA layer maps
-        (:meth:`GenzIQA.layer_maps`) weighted by the modulator's γ of the layer and averaged over
-        layers, so a frame map's mean is the frame's score."""
+        ((F,) raw frame scores, (F, R, R) maps): GenzIQA's map (the detail map integrated along the
+        path from the blurred frame) of each frame's own score, the mean over layers of γ × layer
+        score, with the modulator's γ of the whole video held fixed."""
+        from diqa_cli.maps.compute import detail_map
+        from diqa_cli.models.genziqa import MAP_STEPS
+
         slow, fast = clip_features
-        layers, maps, queries = self.layer_maps(frames, return_query_features=True)
         with torch.no_grad():
-            gamma, _ = self.modulate({name: q[:, -1] for name, q in queries.items()}, slow, fast)
-        gamma = gamma.float()
-        frame_scores = (layers.float() * gamma).mean(dim=1)
-        return frame_scores, (maps.float() * gamma[None, :, None, None]).mean(dim=1)
+            _, queries = self.frame_features(frames)
+            gamma, _ = self.modulate(queries, slow, fast)
+
+        def frame_scores(pixels: torch.Tensor) -> torch.Tensor:
+            return (self.layer_scores(pixels).float() * gamma.float()).mean(dim=1)
+
+        return detail_map(frame_scores, frames, steps=MAP_STEPS)
 
     def video_scores(self, frame_batches: Iterable[torch.Tensor], slow: torch.Tensor, fast: torch.Tensor) -> VideoScore:
         """Score one video whose frames arrive in batches (B, 3, R, R) in [0, 1], with its SlowFast

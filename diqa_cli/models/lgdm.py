@@ -42,9 +42,11 @@ level of that description is diqa's choice, listed here so nobody mistakes it fo
    timesteps), mixed by softmax-normalised learnable weights, one per (timestep, layer); then an
    MLP ``projection_dim -> hidden_dim -> 1``. Only these are trained and checkpointed.
 
-Quality map (``diqa score --maps``; diqa's, not the paper's): gradient × activation of the
-unpooled hyperfeature maps through the pooling and the trained head, summed over channels, layers
-and timesteps (:meth:`LGDM.quality_map`).
+Quality map (``diqa score --maps``; diqa's, not the paper's): the score drop when each cell of a
+4 × 4 grid has its detail blurred away (:func:`diqa_cli.maps.compute.blur_occlusion_map`), 16
+extra scorings. The hyperfeatures come out of a guided, re-noised trajectory whose gradients
+jump, so decompositions of the score by gradients (of the unpooled hyperfeature maps, the
+latent or the pixels) did not find damage on the patch test; measured drops do.
 
 Cost per image: one U-Net pass per timestep, plus, per guided step, a VAE decode, the perceptual
 networks on the estimate and the input, and a backward pass through them and the decoder (with
@@ -103,7 +105,6 @@ class Trajectory:
 
     features: torch.Tensor  # (B, T, F) pooled hyperfeatures, timestep-major
     estimates: list[torch.Tensor] | None  # per timestep, the decoded Tweedie estimate in [0, 1]
-    maps: list[dict[str, torch.Tensor]] | None = None  # per timestep, the tapped layers' maps (detached)
 
 
 class HyperfeatureAggregator(nn.Module):
@@ -291,10 +292,9 @@ class LGDM(QualityModel):
             eps, z0, maps = eps.detach(), z0.detach(), {k: v.detach() for k, v in maps.items()}
         return eps, z0, maps, grad * scale, estimate.detach()
 
-    def trajectory(self, pixels: torch.Tensor, *, return_estimates: bool = False, return_maps: bool = False) -> Trajectory:
+    def trajectory(self, pixels: torch.Tensor, *, return_estimates: bool = False) -> Trajectory:
         """Run the guided DDIM trajectory on (B, 3, R, R) pixels in [0, 1]; pooled hyperfeatures
-        (B, T, F) and, on request, the decoded Tweedie estimate and the unpooled layer maps at
-        every timestep."""
+        (B, T, F) and, on request, the decoded Tweedie estimate at every timestep."""
         from diqa_cli.taps import UNetTaps
 
         bb = self.backbone
@@ -307,7 +307,6 @@ class LGDM(QualityModel):
         z = abar.sqrt() * latents + (1 - abar).sqrt() * self._initial_noise(latents)
 
         features, estimates = [], [] if return_estimates else None
-        kept = [] if return_maps else None
         with UNetTaps(bb.unet, self.layers) as taps:
             for i, t in enumerate(self.timesteps):
                 abar = abars[t]
@@ -318,8 +317,6 @@ class LGDM(QualityModel):
                     eps, z0, maps = self._predict(taps, z, t, abar)
                     estimate = None
                 features.append(self._pool(maps))
-                if return_maps:
-                    kept.append({name: maps[name].detach() for name in self.layers})
                 if return_estimates:
                     if estimate is None:
                         with torch.no_grad():
@@ -332,7 +329,7 @@ class LGDM(QualityModel):
                     z = abar_next.sqrt() * z0 + (1 - abar_next).sqrt() * eps  # DDIM, eta = 0
                     if gradient is not None and not on_manifold:
                         z = z - scale * gradient
-        return Trajectory(torch.stack(features, dim=1), estimates, kept)
+        return Trajectory(torch.stack(features, dim=1), estimates)
 
     # --- scoring and training ----------------------------------------------------------------
     def extract_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -350,34 +347,11 @@ class LGDM(QualityModel):
             return self.head_forward(self.trajectory(pixels).features)
 
     def quality_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores (B,) and the quality map (B, h, w) on the finest tapped grid (the latent's with
-        the default layers): gradient × activation of every hyperfeature map (each layer at each
-        timestep) through the pooling, aggregator and head, summed over channels and scaled by its
-        positions (:func:`diqa_cli.maps.compute.contribution_map`), nearest-upsampled to the finest
-        grid and summed over layers and timesteps. Its mean is the first-order contribution of the
-        hyperfeatures to the score."""
-        with _outside_inference_mode(pixels) as pixels, torch.no_grad():
-            run = self.trajectory(pixels, return_maps=True)
-        with torch.no_grad():
-            scores = self.head_forward(run.features)
-        steps = run.maps
-        names = [(t, name) for t in range(len(steps)) for name in self.layers]
-        flat = [steps[t][name] for t, name in names]
+        """Scores (B,) and the quality map (B, 4, 4): the score drop when each cell's detail is
+        blurred away (:func:`diqa_cli.maps.compute.blur_occlusion_map`)."""
+        from diqa_cli.maps.compute import blur_occlusion_map
 
-        with torch.inference_mode(False), torch.enable_grad():
-            leaves = [m.detach().clone().requires_grad_(True) for m in flat]
-            by_step = [{name: leaves[i * len(self.layers) + j] for j, name in enumerate(self.layers)} for i in range(len(steps))]
-            features = torch.stack([self._pool(step) for step in by_step], dim=1)
-            grads = torch.autograd.grad(self.head_forward(features).sum(), leaves)
-        height = max(m.shape[-2] for m in flat)
-        width = max(m.shape[-1] for m in flat)
-        total = None
-        for leaf, grad in zip(leaves, grads):
-            area = leaf.shape[-2] * leaf.shape[-1]
-            part = (leaf.detach().float() * grad.float()).sum(dim=1, keepdim=True) * area
-            part = torch.nn.functional.interpolate(part, size=(height, width), mode="nearest")[:, 0]
-            total = part if total is None else total + part
-        return scores, total
+        return blur_occlusion_map(self, pixels)
 
     def training_loss(self, pixels: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """MSE of the head on the frozen features; ``generator`` is unused (the trajectory's noise

@@ -60,21 +60,16 @@ class CrossAttentionRecorder:
     """What the pooled-logit processors report during one U-Net call, by layer name.
 
     Recording is on only inside ``with recorder:``, so a U-Net call outside it costs nothing
-    extra and leaves no tensors behind; entering clears what an earlier call left. With
-    ``spatial`` set, each layer's logits averaged over heads and tokens are kept per position too
-    (``position_logits``: the quality maps)."""
+    extra and leaves no tensors behind; entering clears what an earlier call left."""
 
     def __init__(self):
         self.active = False
-        self.spatial = False
         self.pooled: dict[str, torch.Tensor] = {}  # name -> (B, heads, tokens)
         self.query_means: dict[str, torch.Tensor] = {}  # name -> (B, channels)
-        self.position_logits: dict[str, torch.Tensor] = {}  # name -> (B, positions), when spatial
 
     def clear(self) -> None:
         self.pooled.clear()
         self.query_means.clear()
-        self.position_logits.clear()
 
     def __enter__(self) -> CrossAttentionRecorder:
         self.clear()
@@ -135,11 +130,7 @@ class PooledLogitAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if recording and self.recorder.spatial:
-            logits = scaled_logits(query, key, attention_mask)
-            self.recorder.pooled[self.name] = torch.logsumexp(self.temperature * logits, dim=-2) / self.temperature
-            self.recorder.position_logits[self.name] = logits.mean(dim=(1, 3))
-        elif recording:
+        if recording:
             self.recorder.pooled[self.name] = pooled_logits(query, key, self.temperature, attention_mask)
 
         hidden_states = F.scaled_dot_product_attention(
