@@ -34,8 +34,11 @@ medians over rounds. The released loop is its repository's: its dataset transfor
 a DataLoader at its test batch size (capped at the images timed), its model's forward (GenzIQA:
 VAE encoding, then ``compute_score_genziqa`` with the prompt learner re-encoding the prompts
 every batch, as genziqa_test.py does). ``diqa_over_released.METHOD`` is released seconds per
-image over diqa's (above 1: diqa faster); the scores' largest difference between the sides is
-reported as a check that both ran the same weights. Without a clone the line says ``skipped``.
+image over diqa's (above 1: diqa faster); each side's seconds inside its model's forward are
+reported too (``diqa_over_released_forward``: the models alone, the rest being each loop's
+decoding and batching), ``--released-flops`` adds each side's FLOPs per image (one more, untimed
+pass), and the scores' largest difference between the sides is reported as a check that both
+ran the same weights. Without a clone the line says ``skipped``.
 
 Models: random weights at the real architectures and sizes: SD 1.5's U-Net and VAE for DP-IQA and
 LGDM, SD 2.1-base's for GenzIQA and GenzVQA, EfficientNet-B7 for the student, SlowFast R50 for
@@ -486,9 +489,17 @@ def measure_released(method: str, clone: str, args, work: Path, threads: int) ->
             if got is None:
                 return {"method": method, "status": f"failed({side}_side:see_{logs / f'time-{side}-{method}.log'})"}
             runs[side].append(got)
+    flops = {}
+    if args.released_flops:
+        for side, command, env in (("diqa", diqa, diqa_env), ("released", released, released_env)):
+            progress(f"{method} vs released: FLOPs of {side}'s loop (a counted pass, not timed)")
+            got = _timing(command + timing + ["--count-flops"], env, logs / f"flops-{side}-{method}.log")
+            flops[f"{side}_gflop_per_image"] = got["gflop_per_image"] if got else "failed"
     diqa_s = statistics.median(r["seconds_per_image"] for r in runs["diqa"])
     released_s = statistics.median(r["seconds_per_image"] for r in runs["released"])
     score_diff = max(abs(a - b) for d, r in zip(runs["diqa"], runs["released"]) for a, b in zip(d["scores"], r["scores"]))
+    forward = {f"{side}_forward_s_per_image": statistics.median(r["forward_s_per_image"] for r in runs[side])
+               for side in runs}
     return {
         "method": method, "status": "ok", "rounds": args.released_rounds, "images_per_round": images, "batch": batch,
         "warmup_files": setting["warmup"], "threads": threads,
@@ -496,7 +507,8 @@ def measure_released(method: str, clone: str, args, work: Path, threads: int) ->
         "diqa_s_per_image": diqa_s, "released_s_per_image": released_s, "diqa_over_released": released_s / diqa_s,
         "diqa_rounds_s": "/".join(f"{r['seconds_per_image']:.2f}" for r in runs["diqa"]),
         "released_rounds_s": "/".join(f"{r['seconds_per_image']:.2f}" for r in runs["released"]),
-        "max_score_diff": score_diff,
+        "diqa_over_released_forward": forward["released_forward_s_per_image"] / forward["diqa_forward_s_per_image"],
+        **forward, **flops, "max_score_diff": score_diff,
         "peak_rss_gib_diqa": max(r["peak_rss_gib"] for r in runs["diqa"]),
         "peak_rss_gib_released": max(r["peak_rss_gib"] for r in runs["released"]),
         "loadavg_1min": "/".join(f"{v:.2f}" for v in loads), "cpu_pressure_60s": cpu_pressure(),
@@ -560,6 +572,8 @@ def main() -> int:
     parser.add_argument("--released-rounds", type=int, default=2, help="alternated rounds of each side")
     parser.add_argument("--released-images", type=int, help="images timed per round (default: dpiqa 2, "
                         "dpiqa-student 4, genziqa 1)")
+    parser.add_argument("--released-flops", action="store_true", help="also count each side's FLOPs per image "
+                        "(one more, untimed pass of each side)")
     parser.add_argument("--json", help="also write the per-method results as JSON lines to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -634,6 +648,7 @@ def summarise(results: dict, compared: dict) -> dict:
         out[f"diqa_over_released.{name}"] = f"{r['diqa_over_released']:.2f}"
         out[f"diqa_s_per_image.{name}"] = f"{r['diqa_s_per_image']:.3g}"
         out[f"released_s_per_image.{name}"] = f"{r['released_s_per_image']:.3g}"
+        out[f"diqa_over_released_forward.{name}"] = f"{r['diqa_over_released_forward']:.2f}"
     if not compared:
         out["diqa_over_released"] = "skipped(no_released_clone_given)"
     return out

@@ -301,8 +301,11 @@ def dump_genziqa(args, work: Work, dtype, dump: StageDump) -> None:
 def time_method(args, work: Work) -> None:
     """diqa's side of the released-code timing: the pipeline from files to rows on the converted
     head, over the warm-up files first (not timed), then the timed ones."""
+    import contextlib
     import resource
     import time
+
+    from torch.utils.flop_counter import FlopCounterMode
 
     from diqa_cli.backbone import load_backbone
     from diqa_cli.pipelines.images import score_images
@@ -327,14 +330,24 @@ def time_method(args, work: Work) -> None:
 
     if args.warmup:
         rows(files[: args.warmup])
+    # The seconds inside the model's forward (hooks on its call), the rest being the pipeline's.
+    inside = [0.0, 0.0]
+    handles = [model.register_forward_pre_hook(lambda m, a: inside.__setitem__(1, time.perf_counter())),
+               model.register_forward_hook(lambda m, a, o: inside.__setitem__(0, inside[0] + time.perf_counter() - inside[1]))]
+    counter = FlopCounterMode(display=False) if args.count_flops else contextlib.nullcontext()
     timed_started = time.perf_counter()
-    scores = [r["raw_score"] for r in rows(files[args.warmup :])]
+    with counter:
+        scores = [r["raw_score"] for r in rows(files[args.warmup :])]
     seconds = time.perf_counter() - timed_started
+    for handle in handles:
+        handle.remove()
     timed = len(files) - args.warmup
     result = {"side": "diqa", "method": args.method, "images": timed, "batch": args.batch_size,
-              "warmup": args.warmup, "seconds_per_image": seconds / timed, "scores": scores,
-              "total_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
+              "warmup": args.warmup, "seconds_per_image": seconds / timed, "forward_s_per_image": inside[0] / timed,
+              "scores": scores, "total_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if args.count_flops:
+        result["gflop_per_image"] = counter.get_total_flops() / timed / 1e9
     print("TIME " + json.dumps(result), flush=True)
 
 
@@ -353,6 +366,7 @@ def main() -> None:
     parser.add_argument("--files", nargs="+", help="time: the image files, in order")
     parser.add_argument("--batch-size", type=int, default=1, help="time: images per batch")
     parser.add_argument("--warmup", type=int, default=0, help="time: the first N files run once first, not timed")
+    parser.add_argument("--count-flops", action="store_true", help="time: count the timed loop's FLOPs (slower)")
     args = parser.parse_args()
     work = Work(args.work, args.limit)
     if args.command == "prepare":

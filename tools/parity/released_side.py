@@ -10,7 +10,8 @@ clone and dumps each stage's tensors. Runs in the released code's own environmen
 at the batch size given, its model's forward; GenzIQA: VAE encoding and ``compute_score_genziqa``
 with the prompt learner as ``text_model``, as genziqa_test.py calls it) and prints one ``TIME``
 line of JSON: seconds per image over the timed files (model loading and ``--warmup`` files not
-counted) and the scores. ``bench/bench_real.py --released`` runs it against diqa's pipeline.
+counted), the part of them spent in the model's forward, the scores; ``--count-flops`` adds the
+FLOPs per image. ``bench/bench_real.py --released`` runs it against diqa's pipeline.
 
 The process runs in ``W/weights/hub``, where ``runwayml/stable-diffusion-v1-5``,
 ``openai/clip-vit-large-patch14`` and ``stabilityai/stable-diffusion-2-1-base`` are links to the
@@ -585,16 +586,32 @@ class _Files(torch.utils.data.Dataset):
         return self.transform(image), torch.tensor(0.0), self.files[index]
 
 
-def _timed(loader_of, files: list[str], warmup: int, score_batch) -> tuple[float, list[float]]:
-    """Runs ``score_batch`` over a DataLoader of the warm-up files (not timed), then of the timed
-    ones; returns (seconds of the timed loop, their scores)."""
-    for images, _, _ in loader_of(files[:warmup]) if warmup else ():
-        score_batch(images)
-    scores = []
+def _timed(loader_of, files: list[str], args, forward, after=lambda: None) -> dict:
+    """Runs the loop over a DataLoader of the warm-up files (not timed), then of the timed ones:
+    ``forward`` on each batch (its scores), then ``after``. Returns the timed loop's seconds,
+    the seconds inside ``forward`` and the scores; with ``--count-flops`` also the FLOPs of the
+    timed loop, counted by torch's FlopCounterMode (which slows it: not a timing run)."""
+    import contextlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for images, _, _ in loader_of(files[: args.warmup]) if args.warmup else ():
+        forward(images)
+        after()
+    scores, inside = [], 0.0
+    counter = FlopCounterMode(display=False) if args.count_flops else contextlib.nullcontext()
     started = time.perf_counter()
-    for images, _, _ in loader_of(files[warmup:]):
-        scores += [float(v) for v in score_batch(images).reshape(-1)]
-    return time.perf_counter() - started, scores
+    with counter:
+        for images, _, _ in loader_of(files[args.warmup :]):
+            begun = time.perf_counter()
+            out = forward(images)
+            inside += time.perf_counter() - begun
+            scores += [float(v) for v in out.reshape(-1)]
+            after()
+    measured = {"seconds": time.perf_counter() - started, "forward_seconds": inside, "scores": scores}
+    if args.count_flops:
+        measured["flops"] = counter.get_total_flops()
+    return measured
 
 
 def _loader(transform, batch_size: int):
@@ -602,8 +619,9 @@ def _loader(transform, batch_size: int):
     return lambda files: torch.utils.data.DataLoader(_Files(files, transform), batch_size=batch_size, shuffle=False)
 
 
-def time_dpiqa(args, work: Work, files: list[str]):
-    """train_dpiqa.py's test loop: each batch to the model under no_grad, ``gc.collect()`` after it."""
+def time_dpiqa(args, work: Work, files: list[str]) -> dict:
+    """train_dpiqa.py's / train_student.py's test loop: each batch to the model under no_grad
+    (the score is the first output), ``gc.collect()`` after it."""
     _released_import_path(Path(args.dpiqa))
     if args.method == "dpiqa":
         _posterior_mean()
@@ -613,16 +631,14 @@ def time_dpiqa(args, work: Work, files: list[str]):
     else:
         model = _student_model(work)
 
-    def score_batch(images):
+    def forward(images):
         with torch.no_grad():
-            preds = model(images)[0]
-        gc.collect()
-        return preds
+            return model(images)[0]
 
-    return _timed(_loader(_released_transform_dpiqa(), args.batch_size), files, args.warmup, score_batch)
+    return _timed(_loader(_released_transform_dpiqa(), args.batch_size), files, args, forward, gc.collect)
 
 
-def time_genziqa(args, work: Work, files: list[str]):
+def time_genziqa(args, work: Work, files: list[str]) -> dict:
     """genziqa_test.py's test loop: each batch VAE-encoded (posterior mean, see README), then
     ``compute_score_genziqa`` with the prompt learner as ``text_model`` (its prompts re-encoded
     every batch, as there) at val_batch_size 1."""
@@ -631,27 +647,30 @@ def time_genziqa(args, work: Work, files: list[str]):
     vae, _, pipeline = _genziqa_pipeline(work, torch.float32, tokenizer)
     batches = iter(range(10**9))
 
-    def score_batch(images):
+    def forward(images):
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
             return compute_score_genziqa(next(batches), GENZIQA_RUN_ARGS, latents, pipeline, text_model=coop,
                                          fixed_prompt_embeds=None)
 
-    return _timed(_loader(_released_transform_genziqa(), args.batch_size), files, args.warmup, score_batch)
+    return _timed(_loader(_released_transform_genziqa(), args.batch_size), files, args, forward)
 
 
 def time_method(args, work: Work) -> None:
-    files = [str(Path(f).resolve()) for f in args.files]
+    files = args.files
     if len(files) <= args.warmup:
         raise SystemExit(f"time: {len(files)} file(s) given, {args.warmup} of them warm-up: nothing left to time")
     started = time.perf_counter()
     timer = time_genziqa if args.method == "genziqa" else time_dpiqa
-    seconds, scores = timer(args, work, files)
+    measured = timer(args, work, files)
     timed = len(files) - args.warmup
     result = {"side": "released", "method": args.method, "images": timed, "batch": args.batch_size,
-              "warmup": args.warmup, "seconds_per_image": seconds / timed, "scores": scores,
+              "warmup": args.warmup, "seconds_per_image": measured["seconds"] / timed,
+              "forward_s_per_image": measured["forward_seconds"] / timed, "scores": measured["scores"],
               "total_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if "flops" in measured:
+        result["gflop_per_image"] = measured["flops"] / timed / 1e9
     print("TIME " + json.dumps(result), flush=True)
 
 
@@ -673,6 +692,7 @@ def main() -> None:
     parser.add_argument("--files", nargs="+", help="time: the image files, in order")
     parser.add_argument("--batch-size", type=int, default=1, help="time: the DataLoader's batch size")
     parser.add_argument("--warmup", type=int, default=0, help="time: the first N files run once first, not timed")
+    parser.add_argument("--count-flops", action="store_true", help="time: count the timed loop's FLOPs (slower)")
     args = parser.parse_args()
     needed = {"dpiqa": "dpiqa", "dpiqa-student": "dpiqa", "genziqa": "genziqa"}
     for step in (args.part, args.method):
@@ -680,6 +700,8 @@ def main() -> None:
         if clone and not getattr(args, clone):
             parser.error(f"{step} needs --{clone} (the local clone of its released code)")
     work = Work(args.work, args.limit)
+    # Before the chdir below: relative paths name files from where the command was given.
+    args.files = [str(Path(f).resolve()) for f in args.files or []]
     torch.set_grad_enabled(False)
     os.chdir(_hub(work))
     if args.command == "weights":
