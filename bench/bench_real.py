@@ -524,7 +524,7 @@ def released_comparison(released: dict, args, work: Path) -> dict:
         elif args.quick:
             out[method] = {"method": method, "status": "skipped(--quick:the_released_code_runs_at_real_size_only)"}
         elif not args.released_python:
-            out[method] = {"method": method, "status": "skipped(no_--released-python:the_released_code's_environment)"}
+            out[method] = {"method": method, "status": "skipped(no_--released-python)"}
         elif args.device not in ("auto", "cpu"):
             out[method] = {"method": method, "status": "skipped(cpu_only:the_parity_weights_run_on_the_cpu)"}
         else:
