@@ -23,9 +23,22 @@ Per method, in its own process (so that peak resident memory is the method's own
 Ratios printed (one ``key=value`` line each, then one ``summary`` line): ``pipeline_over_pure``
 (pipeline images/s over pure-compute images/s, 1.0 = decoding fully hidden), ``student_over_teacher``
 (DP-IQA student images/s over the teacher's, pipeline and pure), ``mfu`` and ``unet_mfu``, and
-``diqa_over_released``: the released code's own scoring loop is not run by this script (it needs the
-released repositories' local clones and their own environment); ``--released METHOD=CLONE`` names
-one, and the line says that no runner is wired in yet.
+``diqa_over_released``: diqa's pipeline from files to rows against the released code's own
+test-time loop, run from a local clone in its own environment (``--released METHOD=CLONE``,
+``--released-python``; DP-IQA teacher and student, GenzIQA), on the CPU at 512 px. Both sides run
+the same seeded random weights, built by the parity tool (``tools/parity``: the released
+checkpoint files, which diqa's side loads converted, as ``diqa score -c`` does) and the same
+JPEG files; each side in its own process per round (one model in memory at a time), model loading
+not timed, sides alternating (diqa, released, diqa, released, ...) on the same thread count;
+medians over rounds. The released loop is its repository's: its dataset transform on the files,
+a DataLoader at its test batch size (capped at the images timed), its model's forward (GenzIQA:
+VAE encoding, then ``compute_score_genziqa`` with the prompt learner re-encoding the prompts
+every batch, as genziqa_test.py does). ``diqa_over_released.METHOD`` is released seconds per
+image over diqa's (above 1: diqa faster); each side's seconds inside its model's forward are
+reported too (``diqa_over_released_forward``: the models alone, the rest being each loop's
+decoding and batching), ``--released-flops`` adds each side's FLOPs per image (one more, untimed
+pass), and the scores' largest difference between the sides is reported as a check that both
+ran the same weights. Without a clone the line says ``skipped``.
 
 Models: random weights at the real architectures and sizes: SD 1.5's U-Net and VAE for DP-IQA and
 LGDM, SD 2.1-base's for GenzIQA and GenzVQA, EfficientNet-B7 for the student, SlowFast R50 for
@@ -34,8 +47,10 @@ the released head runs its own fine-tuned U-Net, which costs the same per image.
 the tiny bundle's networks instead (64 px; a dry run of the script, numbers meaningless). Images
 are synthetic (crops of scikit-image's photos); scores mean nothing, only times do.
 
-Usage: python bench/bench_real.py [--device auto] [--dtype auto] [--methods all] [--batch-size N]
-       [--repeats N] [--budget-s 120] [--work DIR] [--quick] [--released METHOD=CLONE] [--json FILE]
+Usage: python bench/bench_real.py [--device auto] [--dtype auto] [--methods all|none|M,...] [--batch-size N]
+       [--repeats N] [--budget-s 120] [--work DIR] [--quick] [--json FILE]
+       [--released METHOD=CLONE ... --released-python PY [--parity-work DIR] [--released-rounds 2]
+        [--released-images N]]
 """
 
 from __future__ import annotations
@@ -419,6 +434,108 @@ def prepare(work: Path, specs, quick: bool, max_batch: int) -> None:
         synthetic_clip(work / "clip.mp4", 2.0 if quick else 4.0, 25, *size)
 
 
+# --- diqa against the released code -----------------------------------------------------------------
+
+PARITY = HERE.parent / "tools" / "parity"
+# Per method: which clone runs it, the released test batch size (DP-IQA's build.py: 16 for the
+# teacher, half of the student's 24 in train_student.py's test loader; GenzIQA's test loader 16,
+# scored one image at a time), and on this CPU the images timed per round and the untimed warm-up
+# files (none where one image takes a minute or more: a first pass's setup is small beside it).
+RELEASED = {
+    "dpiqa": {"clone": "dpiqa", "test_batch": 16, "images": 2, "warmup": 0},
+    "dpiqa-student": {"clone": "dpiqa", "test_batch": 12, "images": 4, "warmup": 1},
+    "genziqa": {"clone": "genziqa", "test_batch": 16, "images": 1, "warmup": 0},
+}
+
+
+def _timing(command: list[str], env: dict, log: Path) -> dict | None:
+    """One side's ``time`` run; its ``TIME`` JSON, or None (output kept in ``log``)."""
+    with open(log, "a") as handle:
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=handle, text=True, check=False)
+        handle.write(done.stdout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("TIME ")]
+    return json.loads(lines[-1][len("TIME "):]) if done.returncode == 0 and lines else None
+
+
+def measure_released(method: str, clone: str, args, work: Path, threads: int) -> dict:
+    """diqa's pipeline and the released loop on the same weights and files, alternated over
+    ``--released-rounds`` rounds, each side a fresh process per round."""
+    sys.path.insert(0, str(PARITY))
+    import run as parity
+
+    from bench import cpu_pressure
+
+    setting = RELEASED[method]
+    parity_work = parity.Work(Path(args.parity_work) if args.parity_work else work / "parity")
+    clones = {setting["clone"]: Path(clone)}
+    diqa, diqa_env, released, released_env = parity.sides(parity_work, threads, args.released_python, **{
+        "dpiqa": clones.get("dpiqa"), "genziqa": clones.get("genziqa")})
+    progress(f"{method} vs released: weights in {parity_work.root} (built once: about 15 GB for all three)")
+    with contextlib.redirect_stdout(sys.stderr):  # the parity steps' progress lines are not report lines
+        parity.prepare_and_weights(parity_work, [method], ["512"], 2, (diqa, diqa_env), (released, released_env))
+    images = args.released_images or setting["images"]
+    batch = min(setting["test_batch"], images)
+    files = sorted(str(p) for p in (work / "photos").glob("*.jpg"))[: setting["warmup"] + images]
+    timing = ["time", "--method", method, "--work", str(parity_work.root), "--batch-size", str(batch),
+              "--warmup", str(setting["warmup"]), "--files", *files]
+    logs = parity_work.root / "logs"
+    runs = {"diqa": [], "released": []}
+    loads = []
+    for rep in range(args.released_rounds):
+        for side, command, env in (("diqa", diqa, diqa_env), ("released", released, released_env)):
+            progress(f"{method} vs released: round {rep + 1}/{args.released_rounds}: {side}, {images} image(s), batch {batch}")
+            loads.append(os.getloadavg()[0])
+            got = _timing(command + timing, env, logs / f"time-{side}-{method}.log")
+            if got is None:
+                return {"method": method, "status": f"failed({side}_side:see_{logs / f'time-{side}-{method}.log'})"}
+            runs[side].append(got)
+    flops = {}
+    if args.released_flops:
+        for side, command, env in (("diqa", diqa, diqa_env), ("released", released, released_env)):
+            progress(f"{method} vs released: FLOPs of {side}'s loop (a counted pass, not timed)")
+            got = _timing(command + timing + ["--count-flops"], env, logs / f"flops-{side}-{method}.log")
+            flops[f"{side}_gflop_per_image"] = got["gflop_per_image"] if got else "failed"
+    diqa_s = statistics.median(r["seconds_per_image"] for r in runs["diqa"])
+    released_s = statistics.median(r["seconds_per_image"] for r in runs["released"])
+    score_diff = max(abs(a - b) for d, r in zip(runs["diqa"], runs["released"]) for a, b in zip(d["scores"], r["scores"]))
+    forward = {f"{side}_forward_s_per_image": statistics.median(r["forward_s_per_image"] for r in runs[side])
+               for side in runs}
+    return {
+        "method": method, "status": "ok", "rounds": args.released_rounds, "images_per_round": images, "batch": batch,
+        "warmup_files": setting["warmup"], "threads": threads,
+        "threads_seen": f"{runs['diqa'][0]['threads']}/{runs['released'][0]['threads']}",
+        "diqa_s_per_image": diqa_s, "released_s_per_image": released_s, "diqa_over_released": released_s / diqa_s,
+        "diqa_rounds_s": "/".join(f"{r['seconds_per_image']:.2f}" for r in runs["diqa"]),
+        "released_rounds_s": "/".join(f"{r['seconds_per_image']:.2f}" for r in runs["released"]),
+        "diqa_over_released_forward": forward["released_forward_s_per_image"] / forward["diqa_forward_s_per_image"],
+        **forward, **flops, "max_score_diff": score_diff,
+        "peak_rss_gib_diqa": max(r["peak_rss_gib"] for r in runs["diqa"]),
+        "peak_rss_gib_released": max(r["peak_rss_gib"] for r in runs["released"]),
+        "loadavg_1min": "/".join(f"{v:.2f}" for v in loads), "cpu_pressure_60s": cpu_pressure(),
+    }
+
+
+def released_comparison(released: dict, args, work: Path) -> dict:
+    """Per method given with ``--released``: the measured comparison, or why it was not run."""
+    out = {}
+    for method, clone in released.items():
+        if method not in RELEASED:
+            out[method] = {"method": method, "status": f"skipped(no_released_code:{'/'.join(RELEASED)})"}
+        elif args.quick:
+            out[method] = {"method": method, "status": "skipped(--quick:the_released_code_runs_at_real_size_only)"}
+        elif not args.released_python:
+            out[method] = {"method": method, "status": "skipped(no_--released-python)"}
+        elif args.device not in ("auto", "cpu"):
+            out[method] = {"method": method, "status": "skipped(cpu_only:the_parity_weights_run_on_the_cpu)"}
+        else:
+            import torch
+
+            out[method] = measure_released(method, clone, args, work, torch.get_num_threads())
+        report(bench="real_released", size=f"real_{RESOLUTION}px", weights="random(parity_tool_seeded)",
+               **{k: v for k, v in out[method].items()})
+    return out
+
+
 def parse_released(values) -> dict[str, str]:
     released = {}
     for value in values or []:
@@ -433,7 +550,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
-    parser.add_argument("--methods", help="comma-separated method names, or all (default: all on CUDA and with "
+    parser.add_argument("--methods", help="comma-separated method names, all, or none (only the --released "
+                        "comparison) (default: all on CUDA and with "
                         "--quick; on the CPU dpiqa,dpiqa-student, since one GenzIQA, LGDM or GenzVQA input takes "
                         "minutes there)")
     parser.add_argument("--batch-size", type=int, help="images per batch (default: CUDA 8; CPU 1, 4 for a fast model)")
@@ -445,7 +563,17 @@ def main() -> int:
     parser.add_argument("--work", help="folder for the written networks and inputs, kept (default: a temp folder)")
     parser.add_argument("--quick", action="store_true", help="tiny networks at 64 px: a dry run, numbers meaningless")
     parser.add_argument("--released", action="append", metavar="METHOD=CLONE",
-                        help="a released code clone for the diqa/released ratio (no runner is wired in yet)")
+                        help="a local clone of a method's released code (dpiqa, dpiqa-student: RomGai/DP-IQA; "
+                        "genziqa: sh-r/GenzIVQA) for the diqa/released ratio; repeatable")
+    parser.add_argument("--released-python", help="python of the released code's environment "
+                        "(tools/parity/requirements-released.txt)")
+    parser.add_argument("--parity-work", help="the parity tool's work folder, whose weights both sides run "
+                        "(built there once where missing, about 15 GB; default: WORK/parity)")
+    parser.add_argument("--released-rounds", type=int, default=2, help="alternated rounds of each side")
+    parser.add_argument("--released-images", type=int, help="images timed per round (default: dpiqa 2, "
+                        "dpiqa-student 4, genziqa 1)")
+    parser.add_argument("--released-flops", action="store_true", help="also count each side's FLOPs per image "
+                        "(one more, untimed pass of each side)")
     parser.add_argument("--json", help="also write the per-method results as JSON lines to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -460,7 +588,10 @@ def main() -> int:
         from diqa_cli.backbone import resolve_device
 
         methods = "all" if args.quick or resolve_device(args.device).type == "cuda" else f"{TEACHER},{STUDENT}"
-    specs = list_methods() if methods == "all" else [get_method(m) for m in methods.split(",")]
+    if methods in ("all", "none"):
+        specs = list_methods() if methods == "all" else []
+    else:
+        specs = [get_method(m) for m in methods.split(",")]
     released = parse_released(args.released)
     with contextlib.ExitStack() as stack:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="diqa-real-")))
@@ -488,16 +619,18 @@ def main() -> int:
             report(bench="real", size="tiny_64px(--quick)" if args.quick else f"real_{result['resolution']}px",
                    **{k: v for k, v in result.items() if v is not None},
                    images=SYNTHETIC if result["unit"] == "image" else "synthetic_clip(skimage.data)")
-        summary = summarise(results, released)
+        compared = released_comparison(released, args, work)
+        failed += [f"released:{m}" for m, r in compared.items() if r["status"].startswith("failed")]
+        summary = summarise(results, compared)
         report(bench="real_summary", **summary)
         if args.json:
             Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in results.values()))
     return 1 if failed else 0
 
 
-def summarise(results: dict, released: dict) -> dict:
+def summarise(results: dict, compared: dict) -> dict:
     """The ratios, ``key=value``: pipeline over pure compute and MFU per method, student over
-    teacher, diqa over the released loop."""
+    teacher, diqa over the released loop (with each side's seconds per image)."""
     out = {}
     for name, r in results.items():
         out[f"pipeline_over_pure.{name}"] = f"{r['pipeline_over_pure']:.2f}"
@@ -508,10 +641,15 @@ def summarise(results: dict, released: dict) -> dict:
         s, t = results[STUDENT], results[TEACHER]
         out["student_over_teacher"] = f"{s['pipeline_per_s'] / t['pipeline_per_s']:.1f}"
         out["student_over_teacher_pure"] = f"{s['pure_per_s'] / t['pure_per_s']:.1f}"
-    for name in results:
-        if name in released:
-            out[f"diqa_over_released.{name}"] = "skipped(released_runner_not_wired:tools/parity)"
-    if not released:
+    for name, r in compared.items():
+        if r["status"] != "ok":
+            out[f"diqa_over_released.{name}"] = r["status"]
+            continue
+        out[f"diqa_over_released.{name}"] = f"{r['diqa_over_released']:.2f}"
+        out[f"diqa_s_per_image.{name}"] = f"{r['diqa_s_per_image']:.3g}"
+        out[f"released_s_per_image.{name}"] = f"{r['released_s_per_image']:.3g}"
+        out[f"diqa_over_released_forward.{name}"] = f"{r['diqa_over_released_forward']:.2f}"
+    if not compared:
         out["diqa_over_released"] = "skipped(no_released_clone_given)"
     return out
 

@@ -5,6 +5,11 @@ models on the same weights and images. Runs in diqa's environment with the workt
 
     diqa_side.py prepare --work W --size 512 300x200 --images 2
     diqa_side.py dump --method dpiqa|dpiqa-student|genziqa --dtype float32|float64 --work W
+    diqa_side.py time --method dpiqa|dpiqa-student|genziqa --work W --files F ... --batch-size B
+
+``time`` loads the converted head as ``dump`` does (so both sides of ``bench/bench_real.py
+--released`` run the same weights) and times diqa's pipeline from files to rows,
+``pipelines.images.score_images``; it prints one ``TIME`` line of JSON, as released_side.py's does.
 """
 
 from __future__ import annotations
@@ -164,7 +169,7 @@ def _float64_prompt_features(clip_folder: Path):
     return torch.cat(outputs)
 
 
-def dump_dpiqa(args, work: Work, dtype, dump: StageDump) -> None:
+def _dpiqa_model(work: Work):
     from diqa_cli.backbone import load_backbone
 
     backbone = load_backbone(str(work.sd15()), device="cpu", dtype="fp32", offline=True)
@@ -172,6 +177,11 @@ def dump_dpiqa(args, work: Work, dtype, dump: StageDump) -> None:
     # (the head's build needs only its structure) so two U-Nets are never in memory.
     backbone.release_unet()
     model, spec = _load(work, "dpiqa", backbone, {"clip": str(work.clip())})
+    return backbone, model, spec
+
+
+def dump_dpiqa(args, work: Work, dtype, dump: StageDump) -> None:
+    backbone, model, spec = _dpiqa_model(work)
     if dtype == torch.float64:
         backbone.vae.double()
         backbone.dtype = torch.float64
@@ -288,22 +298,82 @@ def dump_genziqa(args, work: Work, dtype, dump: StageDump) -> None:
         handle.remove()
 
 
+def time_method(args, work: Work) -> None:
+    """diqa's side of the released-code timing: the pipeline from files to rows on the converted
+    head, over the warm-up files first (not timed), then the timed ones."""
+    import contextlib
+    import resource
+    import time
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diqa_cli.backbone import load_backbone
+    from diqa_cli.pipelines.images import score_images
+
+    files = [str(Path(f).resolve()) for f in args.files]
+    if len(files) <= args.warmup:
+        raise SystemExit(f"time: {len(files)} file(s) given, {args.warmup} of them warm-up: nothing left to time")
+    started = time.perf_counter()
+    if args.method == "dpiqa":
+        _, model, _ = _dpiqa_model(work)
+    elif args.method == "genziqa":
+        model, _ = _load(work, "genziqa", load_backbone(str(work.sd21()), device="cpu", dtype="fp32", offline=True))
+    else:
+        model, _ = _load(work, "dpiqa-student")
+
+    def rows(paths):
+        out = list(score_images(paths, model, batch_size=args.batch_size, workers=2, normalisation={"offset": 0.0, "scale": 1.0}))
+        bad = [r for r in out if r["status"] != "ok"]
+        if bad:
+            raise RuntimeError(f"{bad[0]['path']}: {bad[0]['error']}")
+        return out
+
+    if args.warmup:
+        rows(files[: args.warmup])
+    # The seconds inside the model's forward (hooks on its call), the rest being the pipeline's.
+    inside = [0.0, 0.0]
+    handles = [model.register_forward_pre_hook(lambda m, a: inside.__setitem__(1, time.perf_counter())),
+               model.register_forward_hook(lambda m, a, o: inside.__setitem__(0, inside[0] + time.perf_counter() - inside[1]))]
+    counter = FlopCounterMode(display=False) if args.count_flops else contextlib.nullcontext()
+    timed_started = time.perf_counter()
+    with counter:
+        scores = [r["raw_score"] for r in rows(files[args.warmup :])]
+    seconds = time.perf_counter() - timed_started
+    for handle in handles:
+        handle.remove()
+    timed = len(files) - args.warmup
+    result = {"side": "diqa", "method": args.method, "images": timed, "batch": args.batch_size,
+              "warmup": args.warmup, "seconds_per_image": seconds / timed, "forward_s_per_image": inside[0] / timed,
+              "scores": scores, "total_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
+              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if args.count_flops:
+        result["gflop_per_image"] = counter.get_total_flops() / timed / 1e9
+    print("TIME " + json.dumps(result), flush=True)
+
+
 DUMPERS = {"dpiqa": dump_dpiqa, "dpiqa-student": dump_student, "genziqa": dump_genziqa}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("prepare", "dump"))
+    parser.add_argument("command", choices=("prepare", "dump", "time"))
     parser.add_argument("--work", required=True)
     parser.add_argument("--size", nargs="+", default=["512"])
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--method", choices=tuple(DUMPERS))
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--limit", type=int, help="dump only the first N images")
+    parser.add_argument("--files", nargs="+", help="time: the image files, in order")
+    parser.add_argument("--batch-size", type=int, default=1, help="time: images per batch")
+    parser.add_argument("--warmup", type=int, default=0, help="time: the first N files run once first, not timed")
+    parser.add_argument("--count-flops", action="store_true", help="time: count the timed loop's FLOPs (slower)")
     args = parser.parse_args()
     work = Work(args.work, args.limit)
     if args.command == "prepare":
         prepare(args, work)
+        return
+    if args.command == "time":
+        time_method(args, work)
         return
     import diffusers
     import peft

@@ -4,6 +4,14 @@ clone and dumps each stage's tensors. Runs in the released code's own environmen
 
     released_side.py weights --part common|dpiqa|dpiqa-student|genziqa --work W --dpiqa CLONE --genziqa CLONE
     released_side.py dump --method dpiqa|dpiqa-student|genziqa --dtype float32|float64 --work W ...
+    released_side.py time --method dpiqa|dpiqa-student|genziqa --work W --files F ... --batch-size B ...
+
+``time`` runs the released test-time loop (its dataset transform on image files, its DataLoader
+at the batch size given, its model's forward; GenzIQA: VAE encoding and ``compute_score_genziqa``
+with the prompt learner as ``text_model``, as genziqa_test.py calls it) and prints one ``TIME``
+line of JSON: seconds per image over the timed files (model loading and ``--warmup`` files not
+counted), the part of them spent in the model's forward, the scores; ``--count-flops`` adds the
+FLOPs per image. ``bench/bench_real.py --released`` runs it against diqa's pipeline.
 
 The process runs in ``W/weights/hub``, where ``runwayml/stable-diffusion-v1-5``,
 ``openai/clip-vit-large-patch14`` and ``stabilityai/stable-diffusion-2-1-base`` are links to the
@@ -18,8 +26,10 @@ import gc
 import gzip
 import json
 import os
+import resource
 import shutil
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -323,20 +333,25 @@ def _gene_text_embedding(args, work: Work, dtype) -> Path:
     return out
 
 
-def dump_dpiqa(args, work: Work, dtype, dump: StageDump) -> None:
-    _released_import_path(Path(args.dpiqa))
+def _dpiqa_model(work: Work, embeddings: Path):
+    """The released teacher with the released-format state dict loaded, in eval mode."""
     from iqa_models.dpiqa import DPIQA
 
+    model = DPIQA(class_embedding_path=str(embeddings))
+    state = torch.load(work.heads / "dpiqa_released.pth", mmap=True)
+    model.load_state_dict(state, strict=True)
+    del state
+    return model.eval()
+
+
+def dump_dpiqa(args, work: Work, dtype, dump: StageDump) -> None:
+    _released_import_path(Path(args.dpiqa))
     _posterior_mean()
     embeddings = _gene_text_embedding(args, work, dtype)
     features = torch.load(embeddings)
     for info in work.image_list():
         dump.put(info["id"], "prompt_features", features)
-    model = DPIQA(class_embedding_path=str(embeddings))
-    state = torch.load(work.heads / "dpiqa_released.pth", mmap=True)
-    model.load_state_dict(state, strict=True)
-    del state
-    model.eval()
+    model = _dpiqa_model(work, embeddings)
     if dtype == torch.float64:
         for module in (model.vae, model.img_adapter, model.text_adapter, model.QFD):
             module.double()
@@ -363,13 +378,17 @@ def dump_dpiqa(args, work: Work, dtype, dump: StageDump) -> None:
     hooks.close()
 
 
-def dump_student(args, work: Work, dtype, dump: StageDump) -> None:
-    _released_import_path(Path(args.dpiqa))
+def _student_model(work: Work):
     from iqa_models.student import StudentEfficientNet
 
     model = StudentEfficientNet()
     model.load_state_dict(torch.load(work.heads / "student_released.pth"), strict=True)
-    model.eval().to(dtype)
+    return model.eval()
+
+
+def dump_student(args, work: Work, dtype, dump: StageDump) -> None:
+    _released_import_path(Path(args.dpiqa))
+    model = _student_model(work).to(dtype)
     hooks = Hooks(dump)
     for index, block in enumerate(model.base_model.features):
         hooks.output(block, f"features.{index}")
@@ -431,12 +450,11 @@ def _as_under_torch1() -> None:
         importlib.import_module(name).F = without_sdpa
 
 
-def dump_genziqa(args, work: Work, dtype, dump: StageDump) -> None:
+def _genziqa_imports(args):
+    """The released GenzIQA code on ``sys.path`` (its embedded diffusers first), the runtime
+    patches applied; returns ``compute_score_genziqa``."""
     _released_import_path(Path(args.genziqa), embedded_diffusers=True)
     import diffusers
-    from antonym_prompt_learner import CustomCLIP
-    from diffusers import AutoencoderKL, DSDPipeline, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     # utils/losses.py imports the `datasets` package at the top; compute_score_genziqa never uses
     # it. A stand-in only while importing it (transformers, already imported, probed for the real one).
@@ -450,24 +468,29 @@ def dump_genziqa(args, work: Work, dtype, dump: StageDump) -> None:
         raise RuntimeError(f"imported diffusers from {diffusers.__file__}, not the clone's embedded copy")
     _as_under_torch1()
     _posterior_mean()
-    base = str(work.sd21())
-    coop_dir, unet_dir = _genziqa_dirs(work)
-    images = list(_images(work))
+    return compute_score_genziqa
 
-    # Prompt context: CustomCLIP as genziqa_test.py builds it, the learner's saved state loaded.
+
+def _genziqa_prompt_learner(work: Work, dtype):
+    """CustomCLIP as genziqa_test.py builds it, the learner's saved state loaded; and its tokenizer."""
+    from antonym_prompt_learner import CustomCLIP
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = str(work.sd21())
+    coop_dir, _ = _genziqa_dirs(work)
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
     coop = CustomCLIP(tokenizer, text_encoder, ["Good Photo", "Bad Photo"], "end")
     coop.prompt_learner.load_state_dict(torch.load(coop_dir / "coop_Model_state_dict.pth"))
-    coop.eval().to(dtype)
-    with torch.no_grad():
-        prompt_embeds = coop()
-    for image_id, _ in images:
-        dump.put(image_id, "prompt_embeddings", prompt_embeds)
-    del coop, text_encoder
-    gc.collect()
+    return coop.eval().to(dtype), tokenizer
 
-    transform = _released_transform_genziqa()
+
+def _genziqa_pipeline(work: Work, dtype, tokenizer):
+    """(vae, unet, DSDPipeline) with the saved LoRA processors loaded."""
+    from diffusers import AutoencoderKL, DSDPipeline, EulerDiscreteScheduler, UNet2DConditionModel
+
+    base = str(work.sd21())
+    _, unet_dir = _genziqa_dirs(work)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae").eval().to(dtype)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     unet.set_attn_processor(_lora_processors(unet))
@@ -480,7 +503,8 @@ def dump_genziqa(args, work: Work, dtype, dump: StageDump) -> None:
         report_dtype(unet)
     scheduler = EulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
     # genziqa_test.py: DSDPipeline.from_pretrained(base, scheduler=…, unet=…); built from the same
-    # parts here, without the text encoder it never calls once given prompt embeddings.
+    # parts here, without the text encoder, which the pipeline never calls when given prompt
+    # embeddings (the prompt learner holds its own).
     pipeline = DSDPipeline(
         vae=vae, text_encoder=None, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -489,10 +513,28 @@ def dump_genziqa(args, work: Work, dtype, dump: StageDump) -> None:
     bank_shape = tuple(pipeline.noise_samples.shape)
     if bank_shape[0] < GENZIQA_TIMESTEP_COUNT:
         raise RuntimeError(f"noise bank {bank_shape} from ~/diffusers/noise_samples.pkl is not the parity bank")
+    return vae, unet, pipeline
 
-    # genziqa_test.py's arguments (run_genziqa_test.sh): val_batch_size 1, 8 sampling steps,
-    # guidance 0, --bias not given (store_false: the bias term is on).
-    run_args = types.SimpleNamespace(val_batch_size=1, guidance_scale=0.0, sampling_time_steps=GENZIQA_TIMESTEP_COUNT, bias=True)
+
+# genziqa_test.py's arguments (run_genziqa_test.sh): val_batch_size 1, 8 sampling steps, guidance 0,
+# --bias not given (store_false: the bias term is on).
+GENZIQA_RUN_ARGS = types.SimpleNamespace(val_batch_size=1, guidance_scale=0.0, sampling_time_steps=GENZIQA_TIMESTEP_COUNT, bias=True)
+
+
+def dump_genziqa(args, work: Work, dtype, dump: StageDump) -> None:
+    compute_score_genziqa = _genziqa_imports(args)
+    images = list(_images(work))
+    coop, tokenizer = _genziqa_prompt_learner(work, dtype)
+    with torch.no_grad():
+        prompt_embeds = coop()
+    for image_id, _ in images:
+        dump.put(image_id, "prompt_embeddings", prompt_embeds)
+    del coop
+    gc.collect()
+
+    transform = _released_transform_genziqa()
+    vae, unet, pipeline = _genziqa_pipeline(work, dtype, tokenizer)
+
     state = {"image": None, "step": 0}
 
     def before(module, args):
@@ -514,12 +556,122 @@ def dump_genziqa(args, work: Work, dtype, dump: StageDump) -> None:
             # genziqa_test.py: latent_dist.sample() * scaling_factor (sample() patched to the mean).
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
             dump.put(image_id, "latents", latents[0])
-            scores = compute_score_genziqa(0, run_args, latents, pipeline, text_model=None, fixed_prompt_embeds=prompt_embeds)
+            scores = compute_score_genziqa(0, GENZIQA_RUN_ARGS, latents, pipeline, text_model=None, fixed_prompt_embeds=prompt_embeds)
             dump.put(image_id, "timesteps", torch.tensor([float(t) for t in pipeline.timesteps], dtype=torch.float64))
             dump.put(image_id, "score", scores.reshape(-1))
             print(f"released genziqa {image_id}: score {scores.item():.6f}", flush=True)
     for handle in handles:
         handle.remove()
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+
+class _Files(torch.utils.data.Dataset):
+    """The released datasets' ``__getitem__`` on a plain list of files: the file opened and
+    converted to RGB by PIL, the released test transform, a placeholder MOS (the released
+    datasets read theirs from their .csv / .mat files)."""
+
+    def __init__(self, files: list[str], transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        with open(self.files[index], "rb") as handle:
+            image = Image.open(handle).convert("RGB")
+        return self.transform(image), torch.tensor(0.0), self.files[index]
+
+
+def _timed(loader_of, files: list[str], args, forward, after=lambda: None) -> dict:
+    """Runs the loop over a DataLoader of the warm-up files (not timed), then of the timed ones:
+    ``forward`` on each batch (its scores), then ``after``. Returns the timed loop's seconds,
+    the seconds inside ``forward`` and the scores; with ``--count-flops`` also the FLOPs of the
+    timed loop, counted by torch's FlopCounterMode (which slows it: not a timing run)."""
+    import contextlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for images, _, _ in loader_of(files[: args.warmup]) if args.warmup else ():
+        forward(images)
+        after()
+    scores, inside = [], 0.0
+    counter = FlopCounterMode(display=False) if args.count_flops else contextlib.nullcontext()
+    started = time.perf_counter()
+    with counter:
+        for images, _, _ in loader_of(files[args.warmup :]):
+            begun = time.perf_counter()
+            out = forward(images)
+            inside += time.perf_counter() - begun
+            scores += [float(v) for v in out.reshape(-1)]
+            after()
+    measured = {"seconds": time.perf_counter() - started, "forward_seconds": inside, "scores": scores}
+    if args.count_flops:
+        measured["flops"] = counter.get_total_flops()
+    return measured
+
+
+def _loader(transform, batch_size: int):
+    # The released test loaders: a DataLoader over the dataset, shuffle off, no worker processes.
+    return lambda files: torch.utils.data.DataLoader(_Files(files, transform), batch_size=batch_size, shuffle=False)
+
+
+def time_dpiqa(args, work: Work, files: list[str]) -> dict:
+    """train_dpiqa.py's / train_student.py's test loop: each batch to the model under no_grad
+    (the score is the first output), ``gc.collect()`` after it."""
+    _released_import_path(Path(args.dpiqa))
+    if args.method == "dpiqa":
+        _posterior_mean()
+        # The prompt features: gene_text_embedding.py's output, a file the released model loads.
+        cached = work.root / "released-quality_embeddings-float32.pth"
+        model = _dpiqa_model(work, cached if cached.is_file() else _gene_text_embedding(args, work, torch.float32))
+    else:
+        model = _student_model(work)
+
+    def forward(images):
+        with torch.no_grad():
+            return model(images)[0]
+
+    return _timed(_loader(_released_transform_dpiqa(), args.batch_size), files, args, forward, gc.collect)
+
+
+def time_genziqa(args, work: Work, files: list[str]) -> dict:
+    """genziqa_test.py's test loop: each batch VAE-encoded (posterior mean, see README), then
+    ``compute_score_genziqa`` with the prompt learner as ``text_model`` (its prompts re-encoded
+    every batch, as there) at val_batch_size 1."""
+    compute_score_genziqa = _genziqa_imports(args)
+    coop, tokenizer = _genziqa_prompt_learner(work, torch.float32)
+    vae, _, pipeline = _genziqa_pipeline(work, torch.float32, tokenizer)
+    batches = iter(range(10**9))
+
+    def forward(images):
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+            return compute_score_genziqa(next(batches), GENZIQA_RUN_ARGS, latents, pipeline, text_model=coop,
+                                         fixed_prompt_embeds=None)
+
+    return _timed(_loader(_released_transform_genziqa(), args.batch_size), files, args, forward)
+
+
+def time_method(args, work: Work) -> None:
+    files = args.files
+    if len(files) <= args.warmup:
+        raise SystemExit(f"time: {len(files)} file(s) given, {args.warmup} of them warm-up: nothing left to time")
+    started = time.perf_counter()
+    timer = time_genziqa if args.method == "genziqa" else time_dpiqa
+    measured = timer(args, work, files)
+    timed = len(files) - args.warmup
+    result = {"side": "released", "method": args.method, "images": timed, "batch": args.batch_size,
+              "warmup": args.warmup, "seconds_per_image": measured["seconds"] / timed,
+              "forward_s_per_image": measured["forward_seconds"] / timed, "scores": measured["scores"],
+              "total_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
+              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if "flops" in measured:
+        result["gflop_per_image"] = measured["flops"] / timed / 1e9
+    print("TIME " + json.dumps(result), flush=True)
 
 
 DUMPERS = {"dpiqa": dump_dpiqa, "dpiqa-student": dump_student, "genziqa": dump_genziqa}
@@ -528,21 +680,35 @@ WEIGHTS = {"common": weights_common, "dpiqa": weights_dpiqa, "dpiqa-student": we
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("weights", "dump"))
+    parser.add_argument("command", choices=("weights", "dump", "time"))
     parser.add_argument("--work", required=True)
-    parser.add_argument("--dpiqa", required=True, help="local clone of RomGai/DP-IQA")
-    parser.add_argument("--genziqa", required=True, help="local clone of sh-r/GenzIVQA")
+    parser.add_argument("--dpiqa", help="local clone of RomGai/DP-IQA (DP-IQA teacher and student)")
+    parser.add_argument("--genziqa", help="local clone of sh-r/GenzIVQA (GenzIQA)")
     parser.add_argument("--diqa-configs", help="diqa_cli/configs (SD 1.5 and 2.1-base configs), for weights")
     parser.add_argument("--part", choices=tuple(WEIGHTS))
     parser.add_argument("--method", choices=tuple(DUMPERS))
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--limit", type=int, help="dump only the first N images")
+    parser.add_argument("--files", nargs="+", help="time: the image files, in order")
+    parser.add_argument("--batch-size", type=int, default=1, help="time: the DataLoader's batch size")
+    parser.add_argument("--warmup", type=int, default=0, help="time: the first N files run once first, not timed")
+    parser.add_argument("--count-flops", action="store_true", help="time: count the timed loop's FLOPs (slower)")
     args = parser.parse_args()
+    needed = {"dpiqa": "dpiqa", "dpiqa-student": "dpiqa", "genziqa": "genziqa"}
+    for step in (args.part, args.method):
+        clone = needed.get(step)
+        if clone and not getattr(args, clone):
+            parser.error(f"{step} needs --{clone} (the local clone of its released code)")
     work = Work(args.work, args.limit)
+    # Before the chdir below: relative paths name files from where the command was given.
+    args.files = [str(Path(f).resolve()) for f in args.files or []]
     torch.set_grad_enabled(False)
     os.chdir(_hub(work))
     if args.command == "weights":
         WEIGHTS[args.part](args, work)
+        return
+    if args.command == "time":
+        time_method(args, work)
         return
     dtype = torch_dtype(args.dtype)
     dump = StageDump()

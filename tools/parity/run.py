@@ -46,6 +46,45 @@ def _run(command: list[str], env: dict, log: Path) -> None:
         raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}\n" + "\n".join(tail))
 
 
+def sides(work: Work, threads: int, released_python: str, *, dpiqa: Path | None, genziqa: Path | None):
+    """(diqa command, its environment, released command, its environment): each side's script
+    with its Python, the thread count, and the released process's offline hub, caches and HOME
+    (~/diffusers/noise_samples.pkl) inside the work folder."""
+    threads_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    diqa_env = {**os.environ, **threads_env, "PYTHONPATH": str(REPO), "DIQA_HOME": str(work.root / "diqa-home"),
+                "DIQA_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    released_env = {**os.environ, **threads_env, "HOME": str(work.released_home), "HF_HOME": str(work.root / "hf-home"),
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TORCH_HOME": str(work.root / "torch-home"),
+                    "PYTHONWARNINGS": "ignore"}
+    released = [released_python, str(HERE / "released_side.py"), "--work", str(work.root)]
+    for name, clone in (("--dpiqa", dpiqa), ("--genziqa", genziqa)):
+        if clone is not None:
+            released += [name, str(Path(clone).resolve())]
+    return [sys.executable, str(HERE / "diqa_side.py")], diqa_env, released, released_env
+
+
+def prepare_and_weights(work: Work, methods, sizes, images: int, diqa_side, released_side) -> None:
+    """Steps 1 and 2: the images and noise bank, then the random weights of ``methods`` (and the
+    shared backbones); each skipped where its output exists. A side is (command, environment)."""
+    work.root.mkdir(parents=True, exist_ok=True)
+    logs = work.root / "logs"
+    logs.mkdir(exist_ok=True)
+    wanted = {"sizes": list(sizes), "images": images}
+    marker = work.root / "prepared.json"
+    if not marker.is_file() or json.loads(marker.read_text()) != wanted:
+        _run(diqa_side[0] + ["prepare", "--work", str(work.root), "--size", *sizes, "--images", str(images)],
+             diqa_side[1], logs / "prepare.log")
+        marker.write_text(json.dumps(wanted))
+
+    parts = {"common": work.clip() / "model.safetensors", "dpiqa": work.heads / "dpiqa_released.pth",
+             "dpiqa-student": work.heads / "student_released.pth",
+             "genziqa": work.heads / "genziqa" / "unet_states"}
+    for part in ["common", *methods]:
+        if not parts[part].exists():
+            _run(released_side[0] + ["weights", "--part", part, "--diqa-configs", str(REPO / "diqa_cli" / "configs")],
+                 released_side[1], logs / f"weights-{part}.log")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--released-python", required=True, help="python of the released code's environment")
@@ -62,34 +101,10 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Work(args.work)
-    work.root.mkdir(parents=True, exist_ok=True)
+    diqa, diqa_env, released, released_env = sides(work, args.threads, args.released_python,
+                                                   dpiqa=args.released_dpiqa, genziqa=args.released_genziqa)
+    prepare_and_weights(work, args.method, args.size, args.images, (diqa, diqa_env), (released, released_env))
     logs = work.root / "logs"
-    logs.mkdir(exist_ok=True)
-    threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    diqa_env = {**os.environ, **threads, "PYTHONPATH": str(REPO), "DIQA_HOME": str(work.root / "diqa-home"),
-                "DIQA_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    # The released process: no hub, its caches and HOME (~/diffusers/noise_samples.pkl) in the work folder.
-    released_env = {**os.environ, **threads, "HOME": str(work.released_home), "HF_HOME": str(work.root / "hf-home"),
-                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TORCH_HOME": str(work.root / "torch-home"),
-                    "PYTHONWARNINGS": "ignore"}
-    released = [args.released_python, str(HERE / "released_side.py"), "--work", str(work.root),
-                "--dpiqa", str(args.released_dpiqa.resolve()), "--genziqa", str(args.released_genziqa.resolve())]
-    diqa = [sys.executable, str(HERE / "diqa_side.py")]
-
-    wanted = {"sizes": args.size, "images": args.images}
-    marker = work.root / "prepared.json"
-    if not marker.is_file() or json.loads(marker.read_text()) != wanted:
-        _run(diqa + ["prepare", "--work", str(work.root), "--size", *args.size, "--images", str(args.images)],
-             diqa_env, logs / "prepare.log")
-        marker.write_text(json.dumps(wanted))
-
-    parts = {"common": work.clip() / "model.safetensors", "dpiqa": work.heads / "dpiqa_released.pth",
-             "dpiqa-student": work.heads / "student_released.pth",
-             "genziqa": work.heads / "genziqa" / "unet_states"}
-    for part in ["common", *args.method]:
-        if not parts[part].exists():
-            _run(released + ["weights", "--part", part, "--diqa-configs", str(REPO / "diqa_cli" / "configs")],
-                 released_env, logs / f"weights-{part}.log")
 
     for method in args.method:
         for dtype in args.dtype:
