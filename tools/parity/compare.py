@@ -117,7 +117,7 @@ def _fmt(value) -> str:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"| image | stage | shape | max abs f32 | max rel f32 | max abs f64 | max rel f64 | tolerance (rel) | f32 | f64 |",
+        "| image | stage | shape | max abs f32 | max rel f32 | max abs f64 | max rel f64 | tolerance (rel) | f32 | f64 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
