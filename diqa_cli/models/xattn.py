@@ -56,6 +56,38 @@ def pooled_logits(query: torch.Tensor, key: torch.Tensor, temperature: float, at
     return torch.logsumexp(temperature * logits, dim=-2) / temperature
 
 
+def _flatten_spatial(hidden_states: torch.Tensor):
+    """(B, C, H, W) -> (B, H·W, C) and (C, H, W) to restore it; (B, N, C) passes with None."""
+    if hidden_states.ndim != 4:
+        return hidden_states, None
+    batch_size, channel, height, width = hidden_states.shape
+    return hidden_states.view(batch_size, channel, height * width).transpose(1, 2), (channel, height, width)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads·d) -> (B, heads, N, d)."""
+    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+
+def _attend(attn, query, key, value, attention_mask, residual, spatial) -> torch.Tensor:
+    """``AttnProcessor2_0``'s ending on split heads: fused attention, heads merged, the output
+    projection, the spatial shape restored (``spatial`` from :func:`_flatten_spatial`), the
+    residual and the rescale."""
+    batch_size, heads, _, head_dim = query.shape
+    hidden_states = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+    )
+    hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
+    hidden_states = hidden_states.to(query.dtype)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if spatial is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, *spatial)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
 class CrossAttentionRecorder:
     """What the pooled-logit processors report during one U-Net call, by layer name.
 
@@ -95,10 +127,7 @@ class PooledLogitAttnProcessor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        hidden_states, spatial = _flatten_spatial(hidden_states)
         batch_size, sequence_length, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         )
@@ -121,10 +150,7 @@ class PooledLogitAttnProcessor:
             # The released code averages the query after its LoRA and before the head split.
             self.recorder.query_means[self.name] = query.mean(dim=1)
 
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = (_split_heads(x, attn.heads) for x in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -132,19 +158,7 @@ class PooledLogitAttnProcessor:
 
         if recording:
             self.recorder.pooled[self.name] = pooled_logits(query, key, self.temperature, attention_mask)
-
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return _attend(attn, query, key, value, attention_mask, residual, spatial)
 
 
 def cross_attention_layer_names(unet) -> list[str]:
@@ -224,37 +238,20 @@ class SharedContextAttnProcessor:
             # climbs the score) may save them for its backward pass.
             with torch.inference_mode(False), torch.no_grad():
                 keys, values = attn.to_k(one), attn.to_v(one)
-            head_dim = keys.shape[-1] // attn.heads
-            keys = keys.view(1, -1, attn.heads, head_dim).transpose(1, 2)
-            values = values.view(1, -1, attn.heads, head_dim).transpose(1, 2)
-            self._cache = (key, context, keys, values)
+            self._cache = (key, context, _split_heads(keys, attn.heads), _split_heads(values, attn.heads))
         return self._cache[2], self._cache[3]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if not self._shared(attn, encoder_hidden_states, attention_mask):
             return self._default(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        hidden_states, spatial = _flatten_spatial(hidden_states)
         batch_size = hidden_states.shape[0]
         keys, values = self._keys_values(attn, encoder_hidden_states)
-        query = attn.to_q(hidden_states)
-        head_dim = keys.shape[-1]
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query = _split_heads(attn.to_q(hidden_states), attn.heads)
         keys = keys.expand(batch_size, -1, -1, -1)
         values = values.expand(batch_size, -1, -1, -1)
-        hidden_states = F.scaled_dot_product_attention(query, keys, values, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return _attend(attn, query, keys, values, None, residual, spatial)
 
 
 def _version(tensor: torch.Tensor) -> int:
