@@ -16,6 +16,7 @@ import math
 import os
 import re
 import struct
+import time
 
 import numpy as np
 from PIL import Image
@@ -116,21 +117,27 @@ def _duplicate(data: bytearray, rng) -> str:
 MUTATIONS = (_bit_flips, _truncate, _overwrite, _header_extreme, _duplicate)
 
 
-def mutants(seed: int, count: int) -> list[tuple[str, bytes]]:
-    """``count`` (name, bytes) damaged images, cycling through the formats; deterministic."""
+def _mutated(bases: dict[str, bytes], mutations, seed: int, count: int) -> list[tuple[str, bytes]]:
+    """``count`` (name, bytes) copies of ``bases``, cycling through them in name order, each with
+    one or two of ``mutations`` applied; the name lists what was done. Deterministic."""
     rng = np.random.default_rng(seed)
-    bases = sorted(seeds().items())
+    ordered = sorted(bases.items())
     out = []
     for index in range(count):
-        name, original = bases[index % len(bases)]
+        name, original = ordered[index % len(ordered)]
         data = bytearray(original)
         labels = []
         for _ in range(int(rng.integers(1, 3))):
-            mutation = MUTATIONS[int(rng.integers(0, len(MUTATIONS)))]
+            mutation = mutations[int(rng.integers(0, len(mutations)))]
             labels.append(mutation(data, rng))
         stem, ext = name.rsplit(".", 1)
         out.append((f"{index:05d}-{stem}-{'-'.join(labels)}.{ext}", bytes(data)))
     return out
+
+
+def mutants(seed: int, count: int) -> list[tuple[str, bytes]]:
+    """``count`` (name, bytes) damaged images, cycling through the formats; deterministic."""
+    return _mutated(seeds(), MUTATIONS, seed, count)
 
 
 # --------------------------------------------------------------------------- videos
@@ -281,16 +288,30 @@ VIDEO_MUTATIONS = (*MUTATIONS, _declared_field, _declared_field)
 
 def video_mutants(seed: int, count: int) -> list[tuple[str, bytes]]:
     """``count`` (name, bytes) damaged videos, cycling through the formats; deterministic."""
-    rng = np.random.default_rng(seed)
-    bases = sorted(video_seeds().items())
-    out = []
-    for index in range(count):
-        name, original = bases[index % len(bases)]
-        data = bytearray(original)
-        labels = []
-        for _ in range(int(rng.integers(1, 3))):
-            mutation = VIDEO_MUTATIONS[int(rng.integers(0, len(VIDEO_MUTATIONS)))]
-            labels.append(mutation(data, rng))
-        stem, ext = name.rsplit(".", 1)
-        out.append((f"{index:05d}-{stem}-{'-'.join(labels)}.{ext}", bytes(data)))
-    return out
+    return _mutated(video_seeds(), VIDEO_MUTATIONS, seed, count)
+
+
+# --------------------------------------------------------------------------- running
+
+def resident_mib() -> float:
+    """This process's resident memory, MiB (the fuzz tests hold that nothing piles up)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def fuzz_for_budget(tmp_path, fuzz, per_batch: int, noun: str) -> None:
+    """``fuzz(folder, seed=, count=)`` over seeds 100, 101, … with ``per_batch`` cases each until
+    ``$DIQA_FUZZ_SECONDS`` have passed; prints the outcome counts (shown with ``pytest -s``)."""
+    budget = float(os.environ["DIQA_FUZZ_SECONDS"])
+    started, seed, totals = time.monotonic(), 100, {}
+    while time.monotonic() - started < budget:
+        batch = tmp_path / f"seed{seed}"
+        batch.mkdir()
+        for key, count in fuzz(batch, seed=seed, count=per_batch).items():
+            totals[key] = totals.get(key, 0) + count
+        for path in batch.iterdir():
+            path.unlink()
+        seed += 1
+    print(f"\nfuzzed {sum(totals.values())} {noun}, seeds 100-{seed - 1}:")
+    for key, count in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"{count:8d}  {key}")

@@ -35,18 +35,13 @@ KNOWN_REASONS = (
 )
 
 
-def resident_mib() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
 def fuzz(tmp_path, seed: int, count: int) -> dict[str, int]:
     cases = fuzzcorpus.mutants(seed, count)
     items = []
     for name, data in cases:
         (tmp_path / name).write_bytes(data)
         items.append(InputItem(str(tmp_path / name)))
-    before = resident_mib()
+    before = fuzzcorpus.resident_mib()
     started = time.monotonic()
     rows = []
     for row in iter_images(items, RESOLUTION, workers=2, prefetch=16, timeout_s=20, memory_mb=512):
@@ -65,7 +60,7 @@ def fuzz(tmp_path, seed: int, count: int) -> dict[str, int]:
             key = re.sub(r"\d+", "N", error)[:48]
         outcomes[key] = outcomes.get(key, 0) + 1
     assert elapsed < 60 + count * 0.05, elapsed  # a hang would cost 20 s, a loop forever
-    assert resident_mib() - before < 200  # rows are dropped as they go; nothing piles up here
+    assert fuzzcorpus.resident_mib() - before < 200  # rows are dropped as they go; nothing piles up here
     return outcomes
 
 
@@ -93,16 +88,4 @@ def test_fuzzed_images_each_get_one_row_and_nothing_escapes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DIQA_FUZZ_SECONDS"), reason="set DIQA_FUZZ_SECONDS=N to fuzz for N seconds")
 def test_fuzzed_images_for_a_time_budget(tmp_path):
-    budget = float(os.environ["DIQA_FUZZ_SECONDS"])
-    started, seed, totals = time.monotonic(), 100, {}
-    while time.monotonic() - started < budget:
-        batch = tmp_path / f"seed{seed}"
-        batch.mkdir()
-        for key, count in fuzz(batch, seed=seed, count=2000).items():
-            totals[key] = totals.get(key, 0) + count
-        for path in batch.iterdir():
-            path.unlink()
-        seed += 1
-    print(f"\nfuzzed {sum(totals.values())} cases, seeds 100-{seed - 1}:")  # shown with -s
-    for key, count in sorted(totals.items(), key=lambda kv: -kv[1]):
-        print(f"{count:8d}  {key}")
+    fuzzcorpus.fuzz_for_budget(tmp_path, fuzz, per_batch=2000, noun="cases")

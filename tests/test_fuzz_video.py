@@ -39,11 +39,6 @@ KNOWN_REASONS = (
 )
 
 
-def resident_mib() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
 def outcome(path: str, request: VideoRequest) -> str:
     """Decode one video; check its parts; the outcome's key ("ok", "no frames" or the reason)."""
     state = DecodeReport()
@@ -77,7 +72,7 @@ def fuzz(tmp_path, seed: int, count: int) -> dict[str, int]:
     for name, data in cases:
         (tmp_path / name).write_bytes(data)
         paths.append(str(tmp_path / name))
-    before = resident_mib()
+    before = fuzzcorpus.resident_mib()
     started = time.monotonic()
     outcomes: dict[str, int] = {}
     for index, path in enumerate(paths):
@@ -87,7 +82,7 @@ def fuzz(tmp_path, seed: int, count: int) -> dict[str, int]:
     elapsed = time.monotonic() - started
     assert sum(outcomes.values()) == len(paths)  # one outcome per video
     assert elapsed < 60 + count * 0.5, elapsed  # a hang would cost 20 s, a loop forever
-    assert resident_mib() - before < 200  # frames are dropped as they go; nothing piles up here
+    assert fuzzcorpus.resident_mib() - before < 200  # frames are dropped as they go; nothing piles up here
     return outcomes
 
 
@@ -114,16 +109,4 @@ def test_fuzzed_videos_each_get_one_outcome_and_nothing_escapes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DIQA_FUZZ_SECONDS"), reason="set DIQA_FUZZ_SECONDS=N to fuzz for N seconds")
 def test_fuzzed_videos_for_a_time_budget(tmp_path):
-    budget = float(os.environ["DIQA_FUZZ_SECONDS"])
-    started, seed, totals = time.monotonic(), 100, {}
-    while time.monotonic() - started < budget:
-        batch = tmp_path / f"seed{seed}"
-        batch.mkdir()
-        for key, count in fuzz(batch, seed=seed, count=500).items():
-            totals[key] = totals.get(key, 0) + count
-        for path in batch.iterdir():
-            path.unlink()
-        seed += 1
-    print(f"\nfuzzed {sum(totals.values())} videos, seeds 100-{seed - 1}:")  # shown with -s
-    for key, count in sorted(totals.items(), key=lambda kv: -kv[1]):
-        print(f"{count:8d}  {key}")
+    fuzzcorpus.fuzz_for_budget(tmp_path, fuzz, per_batch=500, noun="videos")
