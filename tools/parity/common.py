@@ -77,6 +77,33 @@ class StageDump:
         save_file(self.tensors, str(path), metadata={"environment": json.dumps(environment, sort_keys=True)})
 
 
+class Hooks:
+    """Forward hooks that put module outputs (or inputs) into a StageDump under the current image."""
+
+    def __init__(self, dump: StageDump):
+        self.dump = dump
+        self.image = None
+        self.handles = []
+
+    def output(self, module, stage, pick=lambda out: out[0]):
+        """``pick`` takes the module output to the tensor to keep (default: the batch's first
+        item); a list or tuple it returns is kept as ``stage.0``, ``stage.1``, ..."""
+
+        def hook(m, args, out):
+            value = pick(out)
+            if isinstance(value, (list, tuple)):
+                for index, item in enumerate(value):
+                    self.dump.put(self.image, f"{stage}.{index}", item)
+            else:
+                self.dump.put(self.image, stage, value)
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
 def load_dump(path: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
     from safetensors.torch import load_file

@@ -27,6 +27,7 @@ from common import (  # noqa: E402
     GENZIQA_SEED,
     GENZIQA_TIMESTEP_COUNT,
     SD_LATENT,
+    Hooks,
     StageDump,
     Work,
     environment,
@@ -126,28 +127,6 @@ def _pixels(work: Work, spec, resolution: int):
         if error:
             raise RuntimeError(f"{item.path}: {error}")
         yield info["id"], torch.from_numpy(pixels).unsqueeze(0)
-
-
-class Hooks:
-    def __init__(self, dump: StageDump):
-        self.dump = dump
-        self.image = None
-        self.handles = []
-
-    def output(self, module, stage, pick=lambda out: out[0]):
-        def hook(m, args, out):
-            value = pick(out)
-            if isinstance(value, (list, tuple)):
-                for index, item in enumerate(value):
-                    self.dump.put(self.image, f"{stage}.{index}", item)
-            else:
-                self.dump.put(self.image, stage, value)
-
-        self.handles.append(module.register_forward_hook(hook))
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()
 
 
 def _float64_prompt_features(clip_folder: Path):

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     GENZIQA_TIMESTEP_COUNT,
     SEED,
+    Hooks,
     StageDump,
     Work,
     environment,
@@ -279,39 +280,28 @@ def weights_genziqa(args, work: Work) -> None:
 # --- dumps -----------------------------------------------------------------------------------------
 
 
-class Hooks:
-    """Forward hooks that put module outputs (or inputs) into a StageDump under the current image."""
-
-    def __init__(self, dump: StageDump):
-        self.dump = dump
-        self.image = None
-        self.handles = []
-
-    def output(self, module, stage, pick=lambda out: out[0]):
-        """``pick`` takes the module output to the tensor to keep (default: the batch's first
-        item); a list or tuple it returns is kept as ``stage.0``, ``stage.1``, ..."""
-
-        def hook(m, args, out):
-            value = pick(out)
-            if isinstance(value, (list, tuple)):
-                for index, item in enumerate(value):
-                    self.dump.put(self.image, f"{stage}.{index}", item)
-            else:
-                self.dump.put(self.image, stage, value)
-
-        self.handles.append(module.register_forward_hook(hook))
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()
-
-
 def _images(work: Work):
     from PIL import Image
 
     for info in work.image_list():
         # The released loaders' pil_loader: open, convert("RGB").
         yield info["id"], Image.open(work.images / info["file"]).convert("RGB")
+
+
+def _dump_dpiqa_scores(model, work: Work, dtype, dump: StageDump, hooks: Hooks, label: str) -> None:
+    """Run the released DP-IQA teacher or student over the parity images through the released
+    transform, with ``hooks`` on: its input, feature map and score go into ``dump`` too."""
+    transform = _released_transform_dpiqa()
+    with torch.no_grad():
+        for image_id, image in _images(work):
+            hooks.image = image_id
+            pixels = transform(image).unsqueeze(0).to(dtype)
+            dump.put(image_id, "input", pixels[0])
+            score, feature_map = model(pixels)
+            dump.put(image_id, "feature_map", feature_map[0])
+            dump.put(image_id, "score", score.reshape(-1))
+            print(f"released {label} {image_id}: score {score.item():.6f}", flush=True)
+    hooks.close()
 
 
 def _gene_text_embedding(args, work: Work, dtype) -> Path:
@@ -358,7 +348,6 @@ def dump_dpiqa(args, work: Work, dtype, dump: StageDump) -> None:
         model.gamma.data = model.gamma.data.double()
         upcast_on_the_fly(model.unet)
         report_dtype(model.unet)
-    transform = _released_transform_dpiqa()
     hooks = Hooks(dump)
     hooks.handles.append(
         model.unet.register_forward_pre_hook(lambda m, a: dump.put(hooks.image, "latents", a[0][0]))
@@ -366,16 +355,7 @@ def dump_dpiqa(args, work: Work, dtype, dump: StageDump) -> None:
     hooks.output(model.text_adapter, "context")
     hooks.output(model.img_adapter, "adapter", lambda out: [r[0] for r in out])
     hooks.output(model.unet, "up", lambda out: [u[0] for u in out])
-    with torch.no_grad():
-        for image_id, image in _images(work):
-            hooks.image = image_id
-            pixels = transform(image).unsqueeze(0).to(dtype)
-            dump.put(image_id, "input", pixels[0])
-            score, feature_map = model(pixels)
-            dump.put(image_id, "feature_map", feature_map[0])
-            dump.put(image_id, "score", score.reshape(-1))
-            print(f"released dpiqa {image_id}: score {score.item():.6f}", flush=True)
-    hooks.close()
+    _dump_dpiqa_scores(model, work, dtype, dump, hooks, "dpiqa")
 
 
 def _student_model(work: Work):
@@ -393,17 +373,7 @@ def dump_student(args, work: Work, dtype, dump: StageDump) -> None:
     for index, block in enumerate(model.base_model.features):
         hooks.output(block, f"features.{index}")
     hooks.output(model.conv_transpose, "conv_transpose")
-    transform = _released_transform_dpiqa()
-    with torch.no_grad():
-        for image_id, image in _images(work):
-            hooks.image = image_id
-            pixels = transform(image).unsqueeze(0).to(dtype)
-            dump.put(image_id, "input", pixels[0])
-            score, feature_map = model(pixels)
-            dump.put(image_id, "feature_map", feature_map[0])
-            dump.put(image_id, "score", score.reshape(-1))
-            print(f"released dpiqa-student {image_id}: score {score.item():.6f}", flush=True)
-    hooks.close()
+    _dump_dpiqa_scores(model, work, dtype, dump, hooks, "dpiqa-student")
 
 
 class _TransformOnly:
